@@ -1,0 +1,5 @@
+import sys
+
+from segplatform.cli import main
+
+sys.exit(main())
