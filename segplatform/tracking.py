@@ -1,0 +1,406 @@
+"""MLflow tracking that never blocks or kills training.
+
+``RunTracker`` hands every record (params, metrics, tags, artifacts, images, tables, model
+registration, run end) to a background thread. Each record is first appended to a write-ahead
+log in ``buffer_dir`` (``records.jsonl``; artifact files are copied beside it), then delivered in
+order. When the tracking server is unreachable the thread keeps the records, warns once, and
+retries; on recovery it sends everything in order. If the server is still down when the run ends,
+the records stay in the buffer and ``segplatform tracking sync BUFFER_DIR`` uploads them later.
+
+A run is identified by a ``run_key`` (the Ray Train run name): a resumed training attempt finds
+and continues its MLflow run (tag ``segplatform.run_key``) instead of opening a new one.
+
+A dead server blocks each synchronous MLflow client call for about a minute (its retries), so the
+tracker lowers the client's retries and timeout for this process (``MLFLOW_HTTP_REQUEST_*``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RECORDS = "records.jsonl"
+DELIVERED = "delivered"
+RUN_KEY_TAG = "segplatform.run_key"
+
+
+@dataclass
+class Registration:
+    """The model version a ``register_model`` record produced."""
+
+    name: str
+    version: str
+    alias: str | None
+
+
+class _Delivery:
+    """Sends records to MLflow (used by the tracker thread and by ``sync``)."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_id: str | None = None
+        self.registrations: list[Registration] = []
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except Exception:  # created concurrently by another process
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def send(self, op: str, args: dict[str, Any], files_dir: Path) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self.client
+        if op == "start":
+            experiment_id = self._experiment_id()
+            existing = client.search_runs(
+                [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{args['run_key']}'"
+            )
+            if existing:
+                self.run_id = existing[0].info.run_id
+                client.update_run(self.run_id, status="RUNNING")
+            else:
+                tags = {RUN_KEY_TAG: args["run_key"], **args.get("tags", {})}
+                run = client.create_run(experiment_id, run_name=args["run_name"], tags=tags)
+                self.run_id = run.info.run_id
+            return
+        if self.run_id is None:
+            raise RuntimeError("no MLflow run: the 'start' record was not delivered")
+        run_id = self.run_id
+        if op == "params":
+            params = [Param(k, str(v)[:6000]) for k, v in args["params"].items()]
+            for i in range(0, len(params), 100):
+                try:
+                    client.log_batch(run_id, params=params[i : i + 100])
+                except Exception as err:  # a resumed run re-logs the same params
+                    if "already logged" not in str(err) and "INVALID_PARAMETER" not in str(err):
+                        raise
+        elif op == "metrics":
+            stamp = int(args["time"] * 1000)
+            metrics = [
+                Metric(k, float(v), stamp, int(args["step"]))
+                for k, v in args["metrics"].items()
+                if v is not None and np.isfinite(float(v))
+            ]
+            if metrics:
+                client.log_batch(run_id, metrics=metrics)
+        elif op == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in args["tags"].items()])
+        elif op == "artifacts":
+            local = files_dir / args["local"]
+            if local.is_dir():
+                client.log_artifacts(run_id, str(local), args.get("artifact_path"))
+            else:
+                client.log_artifact(run_id, str(local), args.get("artifact_path"))
+        elif op == "register":
+            self._register(run_id, args)
+        elif op == "end":
+            client.set_terminated(run_id, status=args["status"])
+        else:
+            raise ValueError(f"unknown tracking record {op!r}")
+
+    def _register(self, run_id: str, args: dict[str, Any]) -> None:
+        name = args["name"]
+        try:
+            self.client.create_registered_model(name)
+        except Exception as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
+                raise
+        source = f"runs:/{run_id}/{args['artifact_path']}"
+        version = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags=args.get("tags") or None
+        )
+        alias = args.get("alias")
+        if alias:
+            self.client.set_registered_model_alias(name, alias, version.version)
+        self.registrations.append(Registration(name, str(version.version), alias))
+
+
+class RunTracker:
+    """Non-blocking MLflow logging for one training run (see the module docstring)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        *,
+        buffer_dir: str | os.PathLike,
+        run_key: str | None = None,
+        tags: dict[str, Any] | None = None,
+        retry_interval: float = 2.0,
+    ) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.tracking_uri = tracking_uri
+        self.buffer_dir = Path(buffer_dir)
+        self.files_dir = self.buffer_dir / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.retry_interval = retry_interval
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[tuple[int, str, dict[str, Any]]] = []
+        self._seq = _last_seq(self.buffer_dir)
+        self._closed = False
+        self._outage_warned = False
+        self._delivery = _Delivery(tracking_uri, experiment)
+        _write_meta(self.buffer_dir, tracking_uri, experiment)
+        self._thread = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        self._record(
+            "start", {"run_key": run_key or run_name, "run_name": run_name, "tags": tags or {}}
+        )
+
+    # ---- public API: every call returns at once ---------------------------------------------
+
+    @staticmethod
+    def disabled() -> NullTracker:
+        return NullTracker()
+
+    @property
+    def run_id(self) -> str | None:
+        return self._delivery.run_id
+
+    @property
+    def registrations(self) -> list[Registration]:
+        return list(self._delivery.registrations)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._record("params", {"params": {k: _jsonable(v) for k, v in params.items()}})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
+        self._record("metrics", {"metrics": values, "step": int(step), "time": time.time()})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._record("tags", {"tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifacts(
+        self, local_path: str | os.PathLike, artifact_path: str | None = None
+    ) -> None:
+        """Copy ``local_path`` (file or directory) into the buffer now; upload it later."""
+        seq = self._next_seq()
+        source = Path(local_path)
+        target = self.files_dir / str(seq) / source.name
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        local = str(target.relative_to(self.files_dir))
+        self._record("artifacts", {"local": local, "artifact_path": artifact_path}, seq=seq)
+
+    def log_image(self, image: np.ndarray, name: str, artifact_path: str | None = None) -> None:
+        from PIL import Image
+
+        seq = self._next_seq()
+        target = self.files_dir / str(seq) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(target)
+        local = str(target.relative_to(self.files_dir))
+        self._record("artifacts", {"local": local, "artifact_path": artifact_path}, seq=seq)
+
+    def log_figure(self, figure: Any, name: str, artifact_path: str | None = None) -> None:
+        seq = self._next_seq()
+        target = self.files_dir / str(seq) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(target, dpi=100, bbox_inches="tight")
+        local = str(target.relative_to(self.files_dir))
+        self._record("artifacts", {"local": local, "artifact_path": artifact_path}, seq=seq)
+
+    def log_table(
+        self, table: dict[str, list], name: str, artifact_path: str | None = None
+    ) -> None:
+        """A JSON table (column name → values) as an artifact, readable by ``mlflow.load_table``."""
+        seq = self._next_seq()
+        target = self.files_dir / str(seq) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        columns = list(table)
+        rows = list(zip(*(table[c] for c in columns)))
+        target.write_text(json.dumps({"columns": columns, "data": [list(r) for r in rows]}))
+        local = str(target.relative_to(self.files_dir))
+        self._record("artifacts", {"local": local, "artifact_path": artifact_path}, seq=seq)
+
+    def register_model(
+        self,
+        artifact_path: str,
+        name: str,
+        *,
+        alias: str | None = "champion",
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Register ``runs:/<run>/<artifact_path>`` (a logged model package) as a version."""
+        args = {"artifact_path": artifact_path, "name": name, "alias": alias}
+        args["tags"] = {k: str(v) for k, v in (tags or {}).items()}
+        self._record("register", args)
+
+    def finish(self, status: str = "FINISHED", timeout: float = 120.0) -> bool:
+        """End the run and wait up to ``timeout`` s for delivery; False if records remain."""
+        self._record("end", {"status": status})
+        delivered = self.flush(timeout)
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if not delivered:
+            logger.warning(
+                "MLflow at %s is unreachable: %d tracking record(s) kept in %s; upload them "
+                "with `segplatform tracking sync %s`",
+                self.tracking_uri,
+                len(self._pending),
+                self.buffer_dir,
+                self.buffer_dir,
+            )
+        return delivered
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every record so far is delivered (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(min(left, 0.5))
+        return True
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def _record(self, op: str, args: dict[str, Any], *, seq: int | None = None) -> None:
+        if seq is None:
+            seq = self._next_seq()
+        line = json.dumps({"seq": seq, "op": op, "args": args})
+        with self._lock:
+            with open(self.buffer_dir / RECORDS, "a") as f:
+                f.write(line + "\n")
+            self._pending.append((seq, op, args))
+            self._pending.sort(key=lambda r: r[0])
+            self._wake.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                seq, op, args = self._pending[0]
+            try:
+                self._delivery.send(op, args, self.files_dir)
+            except Exception as err:
+                if not self._outage_warned:
+                    logger.warning(
+                        "MLflow at %s unreachable (%s); training goes on, records are kept in "
+                        "%s and sent when it is back",
+                        self.tracking_uri,
+                        str(err).splitlines()[0][:200],
+                        self.buffer_dir,
+                    )
+                    self._outage_warned = True
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._wake.wait(self.retry_interval)
+                continue
+            if self._outage_warned:
+                logger.warning("MLflow at %s is reachable again", self.tracking_uri)
+                self._outage_warned = False
+            with self._lock:
+                self._pending.pop(0)
+                (self.buffer_dir / DELIVERED).write_text(str(seq))
+                self._wake.notify_all()
+
+
+class NullTracker:
+    """Tracking switched off: the same interface, nothing recorded."""
+
+    run_id = None
+    registrations: tuple[Registration, ...] = ()
+
+    def __getattr__(self, name: str):
+        if name in ("finish", "flush"):
+            return lambda *a, **k: True
+        return lambda *a, **k: None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return json.dumps(value, default=str)
+
+
+def _write_meta(buffer_dir: Path, tracking_uri: str, experiment: str) -> None:
+    meta = {"tracking_uri": tracking_uri, "experiment": experiment}
+    (buffer_dir / "tracker.json").write_text(json.dumps(meta))
+
+
+def _last_seq(buffer_dir: Path) -> int:
+    records = buffer_dir / RECORDS
+    if not records.exists():
+        return 0
+    last = 0
+    for line in records.read_text().splitlines():
+        if line.strip():
+            last = max(last, json.loads(line)["seq"])
+    return last
+
+
+def pending_records(buffer_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a buffer that were not delivered, in order."""
+    buffer = Path(buffer_dir)
+    records_file = buffer / RECORDS
+    if not records_file.exists():
+        raise FileNotFoundError(f"{buffer}: no tracking buffer ({RECORDS} missing)")
+    delivered_file = buffer / DELIVERED
+    delivered = int(delivered_file.read_text()) if delivered_file.exists() else 0
+    records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+    return sorted((r for r in records if r["seq"] > delivered), key=lambda r: r["seq"])
+
+
+def sync_buffer(buffer_dir: str | os.PathLike, tracking_uri: str | None = None) -> int:
+    """Upload the undelivered records of a tracking buffer; return how many were sent.
+
+    The run is found again through its ``start`` record's run key, so records resume the same
+    MLflow run.
+    """
+    buffer = Path(buffer_dir)
+    meta = json.loads((buffer / "tracker.json").read_text())
+    delivery = _Delivery(tracking_uri or meta["tracking_uri"], meta["experiment"])
+    records = pending_records(buffer)
+    all_records = [
+        json.loads(line) for line in (buffer / RECORDS).read_text().splitlines() if line.strip()
+    ]
+    start = next((r for r in all_records if r["op"] == "start"), None)
+    if start is None:
+        raise ValueError(f"{buffer}: the buffer has no 'start' record")
+    if not records or records[0]["op"] != "start":
+        delivery.send("start", start["args"], buffer / "files")
+    for record in records:
+        delivery.send(record["op"], record["args"], buffer / "files")
+        (buffer / DELIVERED).write_text(str(record["seq"]))
+    return len(records)

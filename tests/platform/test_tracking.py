@@ -1,0 +1,83 @@
+"""RunTracker: non-blocking MLflow logging that survives an unreachable tracking server."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from segplatform.tracking import RunTracker, pending_records, sync_buffer
+
+
+def _dead_uri() -> str:
+    """An http URI on a loopback port with nothing listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_records_reach_mlflow_in_order(tmp_path, sqlite_uri):
+    tracker = RunTracker(sqlite_uri, "exp", "run-a", buffer_dir=tmp_path / "buf", tags={"k": "v"})
+    tracker.log_params({"lr": 0.01, "bins": (1, 2, 3, 6)})
+    for step in range(5):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    tracker.log_image(np.zeros((8, 8, 3), np.uint8), "overlay.png", "overlays")
+    tracker.log_table({"class": ["a", "b"], "iou": [0.5, 0.25]}, "iou.json")
+    assert tracker.finish(timeout=60)
+
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.01"
+    assert run.data.params["bins"] == "[1, 2, 3, 6]"
+    assert run.data.tags["k"] == "v"
+    history = client.get_metric_history(tracker.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2, 3, 4]
+    assert history[-1].value == pytest.approx(0.2)
+    names = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert {"overlays", "iou.json"} <= names
+
+
+def test_same_run_key_continues_the_run(tmp_path, sqlite_uri):
+    first = RunTracker(sqlite_uri, "exp", "attempt", buffer_dir=tmp_path / "b1", run_key="key")
+    first.log_metrics({"step_metric": 1.0}, step=1)
+    assert first.flush(30)
+    # The first attempt dies without finishing; the resumed attempt finds the same run.
+    second = RunTracker(sqlite_uri, "exp", "attempt", buffer_dir=tmp_path / "b2", run_key="key")
+    second.log_metrics({"step_metric": 2.0}, step=2)
+    assert second.finish(timeout=30)
+    assert second.run_id == first.run_id
+    client = MlflowClient(sqlite_uri)
+    assert [m.step for m in client.get_metric_history(first.run_id, "step_metric")] == [1, 2]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_unreachable_server_never_blocks_and_buffer_syncs_later(tmp_path, sqlite_uri, caplog):
+    buffer = tmp_path / "buf"
+    started = time.monotonic()
+    tracker = RunTracker(_dead_uri(), "exp", "offline", buffer_dir=buffer, retry_interval=0.2)
+    tracker.log_params({"lr": 0.1})
+    for step in range(50):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    assert time.monotonic() - started < 2.0  # nothing waited for the network
+    assert not tracker.finish(timeout=1.0)
+    assert "unreachable" in caplog.text
+    left = pending_records(buffer)
+    assert left[0]["op"] == "start" and left[-1]["op"] == "end"
+
+    sent = sync_buffer(buffer, tracking_uri=sqlite_uri)
+    assert sent == len(left)
+    assert pending_records(buffer) == []
+    client = MlflowClient(sqlite_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 50
