@@ -18,9 +18,31 @@ from typing import Any
 from torch import nn
 
 # [imports]
+from architectures.deeplab_v1 import DeepLabV1, DeepLabV1Config
+from architectures.deeplab_v2 import DeepLabV2, DeepLabV2Config
+from architectures.deeplab_v3 import DeepLabV3, DeepLabV3Config
+from architectures.fcn import FCN, FCN8sConfig, FCN16sConfig, FCN32sConfig
+from architectures.icnet import ICNet, ICNetConfig
+from architectures.mask_rcnn import MaskRCNN, MaskRCNNConfig
+from architectures.pspnet import PSPNet, PSPNetConfig
+from architectures.refinenet import RefineNet, RefineNetConfig
+from architectures.segnet import SegNet, SegNetConfig
+from architectures.unet import UNet, UNetConfig
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     # [registry]
+    "fcn32s": (FCN32sConfig, FCN),
+    "fcn16s": (FCN16sConfig, FCN),
+    "fcn8s": (FCN8sConfig, FCN),
+    "segnet": (SegNetConfig, SegNet),
+    "unet": (UNetConfig, UNet),
+    "mask_rcnn": (MaskRCNNConfig, MaskRCNN),
+    "deeplab_v1": (DeepLabV1Config, DeepLabV1),
+    "deeplab_v2": (DeepLabV2Config, DeepLabV2),
+    "deeplab_v3": (DeepLabV3Config, DeepLabV3),
+    "pspnet": (PSPNetConfig, PSPNet),
+    "refinenet": (RefineNetConfig, RefineNet),
+    "icnet": (ICNetConfig, ICNet),
 }
 
 

@@ -212,7 +212,8 @@ class ResNet(nn.Module):
     Output stride 32 is the classification network; 16 dilates layer4 by 2; 8 dilates layer3 by 2
     and layer4 by 4 (DeepLab v2 §3.1, v3 §3.1). ``multi_grid`` sets the rates of layer4's units to
     ``base_rate * grid[i]`` (DeepLab v3 §3.2); the default ``(1, 1, 1)`` is the plain dilated
-    network.
+    network. ``deep_stem=True`` replaces the 7×7 stem conv with three 3×3 convs (64, 64, 128), the
+    stem of PSPNet's and ICNet's official ResNets (torchvision's stem weights then do not load).
 
     Returns ``layer1`` … ``layer4`` (strides 4, 8, and then 8/16/32 depending on output stride).
     """
@@ -225,6 +226,7 @@ class ResNet(nn.Module):
         multi_grid: Sequence[int] = (1, 1, 1),
         in_channels: int = 3,
         norm_layer: Callable[..., nn.Module] | None = None,
+        deep_stem: bool = False,
     ) -> None:
         super().__init__()
         if name not in RESNET_DEPTHS:
@@ -242,6 +244,8 @@ class ResNet(nn.Module):
         )
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        if deep_stem:
+            _use_deep_stem(net, in_channels, norm_layer or nn.BatchNorm2d)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             net.layer1,
@@ -282,6 +286,35 @@ class ResNet(nn.Module):
         c3 = self.layer3(c2)  # (N, 1024, H/s3, W/s3)
         c4 = self.layer4(c3)  # (N, 2048, H/os, W/os)
         return {"layer1": c1, "layer2": c2, "layer3": c3, "layer4": c4}
+
+
+def _use_deep_stem(
+    net: tv_resnet.ResNet, in_channels: int, norm_layer: Callable[..., nn.Module]
+) -> None:
+    """Replace the 7×7 stem conv with three 3×3 convs (64, 64, 128), in place.
+
+    The "deep base" ResNet of PSPNet's and ICNet's official code (hszhao/PSPNet, ResNet-D stem of
+    He et al., "Bag of Tricks", CVPR 2019): conv(stride 2) + BN + ReLU, conv + BN + ReLU, conv;
+    ``bn1``/``relu``/``maxpool`` follow as before. layer1's first unit then reads 128 channels.
+    """
+
+    def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+        return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+    net.conv1 = nn.Sequential(
+        conv3x3(in_channels, 64, stride=2),  # (N, 64, H/2, W/2)
+        norm_layer(64),
+        nn.ReLU(inplace=True),
+        conv3x3(64, 64),
+        norm_layer(64),
+        nn.ReLU(inplace=True),
+        conv3x3(64, 128),  # (N, 128, H/2, W/2)
+    )
+    net.bn1 = norm_layer(128)
+    first = net.layer1[0]
+    first.conv1 = nn.Conv2d(128, first.conv1.out_channels, 1, bias=False)
+    if first.downsample is not None:
+        first.downsample[0] = nn.Conv2d(128, first.downsample[0].out_channels, 1, bias=False)
 
 
 def build_resnet(
