@@ -14,6 +14,12 @@ import sys
 # Command modules, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     # [commands]
+    "train",
+    "data",
+    "local",
+    "flops",
+    "evaluate",
+    "tracking",
 )
 
 

@@ -46,7 +46,7 @@ def test_round_trip_on_s3(s3_server, tmp_path):
     save_package(
         uri, model, "unet", config, classes=CLASSES, palette=PALETTE, storage_options=options
     )
-    loaded, meta = load_package(uri, storage_options=options)
+    loaded, _ = load_package(uri, storage_options=options)
     image = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(image)["out"], model(image)["out"], rtol=0, atol=0)

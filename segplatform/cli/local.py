@@ -1,0 +1,192 @@
+"""``segplatform local up|status|down|env``: the local platform on 127.0.0.1.
+
+A Ray head (dashboard and job server, token authentication), an MLflow tracking server (SQLite,
+artifacts on the local S3 bucket) and an S3 server (SeaweedFS, generated credentials), all state in
+one directory. See ``segplatform.local``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+_EXAMPLE_UP = (
+    "Example:\n"
+    "  segplatform local up\n"
+    '  eval "$(segplatform local env)"\n'
+    "  ray job submit --working-dir . -- python jobs/train_unet.py --data s3://segplatform/mni\n"
+    "  segplatform local down\n"
+)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from segplatform.local import LocalPlatform, LocalPlatformError, format_exports, print_lines
+
+    platform = LocalPlatform(args.state_dir)
+    try:
+        state, started = platform.up(num_cpus=args.num_cpus, timeout=args.timeout, log=print_lines)
+    except LocalPlatformError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    exports = format_exports(state["env"])
+    if args.print_env:
+        if not started:
+            print_lines(f"the local platform is already up in {platform.state_dir}")
+        print(exports)
+        return 0
+    if not started:
+        print(f"The local platform is already up in {platform.state_dir}.")
+    services = state["services"]
+    print(
+        f"state dir       {platform.state_dir}\n"
+        f"Ray dashboard   {services['ray_head']['dashboard_url']}  (jobs: ray job submit)\n"
+        f"Ray GCS         {services['ray_head']['gcs_address']}\n"
+        f"MLflow          {services['mlflow']['tracking_uri']}\n"
+        f"S3              {services['s3']['endpoint_url']}  bucket s3://{services['s3']['bucket']}\n"
+        f'\nSet these in your shell (or run: eval "$(segplatform local env'
+        f'{_state_dir_flag(args)})"):\n{exports}'
+    )
+    return 0
+
+
+def _state_dir_flag(args: argparse.Namespace) -> str:
+    return f" --state-dir {args.state_dir}" if args.state_dir else ""
+
+
+def _status(args: argparse.Namespace) -> int:
+    from segplatform.local import LocalPlatform, LocalPlatformError
+
+    platform = LocalPlatform(args.state_dir)
+    try:
+        statuses = platform.status()
+    except LocalPlatformError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if statuses is None:
+        if args.json:
+            print(json.dumps({"state_dir": str(platform.state_dir), "up": False}))
+        else:
+            print(f"the local platform is not up in {platform.state_dir}")
+        return 3
+    healthy = all(status.healthy for status in statuses)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "state_dir": str(platform.state_dir),
+                    "up": True,
+                    "healthy": healthy,
+                    "services": [status.__dict__ for status in statuses],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for status in statuses:
+            state = "OK" if status.healthy else ("UNHEALTHY" if status.alive else "DOWN")
+            where = f"{status.address:<28} pid {status.pid}"
+            print(f"{status.name:<9} {state:<9} {where}  {status.detail}")
+    return 0 if healthy else 1
+
+
+def _down(args: argparse.Namespace) -> int:
+    from segplatform.local import LocalPlatform, LocalPlatformError, print_lines
+
+    platform = LocalPlatform(args.state_dir)
+    try:
+        was_up = platform.down(log=print_lines)
+    except LocalPlatformError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if was_up:
+        print(f"the local platform in {platform.state_dir} is stopped")
+    else:
+        print(f"the local platform is not up in {platform.state_dir}")
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from segplatform.local import LocalPlatform, LocalPlatformError, format_exports
+
+    try:
+        print(format_exports(LocalPlatform(args.state_dir).env()))
+    except LocalPlatformError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from segplatform.cli import HelpFormatter
+
+    local = subparsers.add_parser(
+        "local",
+        help="start/stop the local platform (Ray head, MLflow, S3) on 127.0.0.1",
+        description=(
+            "The local platform on 127.0.0.1: a Ray head (dashboard and job server, token\n"
+            "authentication), an MLflow tracking server (SQLite, artifacts on the local S3\n"
+            "bucket) and an S3 server (SeaweedFS, generated credentials). All state lives in\n"
+            "one directory: --state-dir, else $SEGPLATFORM_HOME, else ./.segplatform"
+        ),
+        formatter_class=HelpFormatter,
+        epilog=_EXAMPLE_UP,
+    )
+    commands = local.add_subparsers(dest="local_command", metavar="COMMAND", required=True)
+
+    def add_state_dir(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--state-dir",
+            help="directory holding all state (default: $SEGPLATFORM_HOME, else ./.segplatform)",
+        )
+
+    up = commands.add_parser(
+        "up",
+        help="start the Ray head, the MLflow server and the S3 server",
+        formatter_class=HelpFormatter,
+        epilog=_EXAMPLE_UP,
+    )
+    add_state_dir(up)
+    up.add_argument("--num-cpus", type=_positive_int, help="CPUs the Ray head offers (all)")
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for services")
+    up.add_argument(
+        "--print-env",
+        action="store_true",
+        help='print only the export lines, for eval "$(segplatform local up --print-env)"',
+    )
+    up.set_defaults(func=_up)
+
+    status = commands.add_parser(
+        "status",
+        help="check each service (exit 0 healthy, 1 unhealthy, 3 not up)",
+        formatter_class=HelpFormatter,
+        epilog="Example:\n  segplatform local status --json\n",
+    )
+    add_state_dir(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+
+    down = commands.add_parser(
+        "down",
+        help="stop every service (data stays in the state dir)",
+        formatter_class=HelpFormatter,
+        epilog="Example:\n  segplatform local down --state-dir /tmp/segplatform\n",
+    )
+    add_state_dir(down)
+    down.set_defaults(func=_down)
+
+    env = commands.add_parser(
+        "env",
+        help="print the export lines of the running platform",
+        formatter_class=HelpFormatter,
+        epilog='Example:\n  eval "$(segplatform local env)"\n',
+    )
+    add_state_dir(env)
+    env.set_defaults(func=_env)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

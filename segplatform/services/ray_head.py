@@ -1,0 +1,387 @@
+"""A Ray head node on 127.0.0.1 with its dashboard and job server, token authentication on.
+
+``RayHead(state_dir).start()`` runs ``ray start --head --block`` as its own process group, so the
+head's processes (GCS, raylet, dashboard, job server, workers) belong to this object alone and
+``stop()`` never touches another Ray cluster on the machine (a plain ``ray stop`` would kill every
+Ray process of the user). Everything lives under ``state_dir``:
+
+- ``auth_token``: a random token (mode 0600). The head runs with ``RAY_AUTH_MODE=token`` and
+  ``RAY_AUTH_TOKEN_PATH`` pointing at it; clients need the same two variables (see ``env()``).
+- ``tmp``: Ray's ``--temp-dir`` (sessions, logs, sockets). Unix socket paths must stay under 107
+  bytes, so when ``state_dir`` is long the temp dir is a short ``/tmp/segp-ray-*`` directory
+  instead (``temp_dir`` records it; ``stop()`` removes it).
+- ``ray.log``: output of ``ray start``.
+
+Ports: the GCS port is chosen outside Ray's default worker range 10002–19999 (``ray start`` refuses
+it otherwise), workers bind random ports (``--min-worker-port=0 --max-worker-port=0``), and the
+dashboard, dashboard agent and Ray client ports are explicit free ports, so several heads coexist.
+The GCS listens on all interfaces even with ``--node-ip-address=127.0.0.1``: the token is what
+protects it. The venv's ``bin`` goes first on the head's PATH so that a job's ``python`` has Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+# Ray's default worker port range: the GCS port must lie outside it.
+WORKER_PORT_RANGE = range(10002, 20000)
+# Longest Ray temp dir path that keeps the session's unix socket paths under 107 bytes
+# (``<temp>/session_YYYY-MM-DD_HH-MM-SS_ffffff_PID/sockets/plasma_store`` adds ~70 bytes).
+MAX_TEMP_DIR_LENGTH = 36
+# Environment variable that marks every process started for one ``RayHead`` (see stop()).
+INSTANCE_ENV_VAR = "SEGPLATFORM_INSTANCE"
+
+
+class RayHeadError(RuntimeError):
+    """The Ray head could not be started or reached."""
+
+
+def free_port(host: str = "127.0.0.1", exclude: set[int] | range | None = None) -> int:
+    """A currently free TCP port on ``host`` outside ``exclude`` (chosen by the kernel)."""
+    exclude = exclude if exclude is not None else set()
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        if port not in exclude:
+            return port
+    raise RayHeadError(f"no free port found on {host} outside the excluded ports")
+
+
+def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def processes_marked(marker_prefix: str, paths: tuple[str, ...] = ()) -> list[psutil.Process]:
+    """This user's processes whose environment has ``INSTANCE_ENV_VAR`` starting with
+    ``marker_prefix`` or whose command line mentions one of ``paths``.
+
+    The current process and its ancestors are never returned (a shell that ran
+    ``segplatform local down --state-dir DIR`` mentions the path too).
+    """
+    protected = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
+    found = []
+    for process in psutil.process_iter(["pid", "uids"]):
+        if process.pid in protected:
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.info["uids"] is not None and process.info["uids"].real != os.getuid():
+                continue
+            environ = psutil.Process(process.pid).environ()
+            if environ.get(INSTANCE_ENV_VAR, "").startswith(marker_prefix):
+                found.append(process)
+                continue
+            cmdline = " ".join(process.cmdline())
+            if any(path and path in cmdline for path in paths):
+                found.append(process)
+    return found
+
+
+def terminate_process_group(
+    pgid: int, timeout: float = 15.0, first_signal: int = signal.SIGTERM
+) -> None:
+    """Send ``first_signal`` to process group ``pgid``, wait for it to empty, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, first_signal)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    for process in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
+def kill_processes(processes: list[psutil.Process], timeout: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL what is left."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+class RayHead:
+    """``ray start --head --block`` on 127.0.0.1 with token auth, dashboard and job server."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        host: str = "127.0.0.1",
+        num_cpus: int | None = None,
+        instance_id: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.host = host
+        self.num_cpus = num_cpus
+        # Marks this head's processes (environment variable INSTANCE_ENV_VAR) for stop().
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self.marker = f"{self.instance_id}/ray"
+        # Extra environment for the head, inherited by every job (e.g. MLFLOW_TRACKING_URI).
+        self.extra_env = dict(env or {})
+        self.token_path = self.state_dir / "auth_token"
+        self.log_path = self.state_dir / "ray.log"
+        self.temp_dir: Path | None = None
+        self.ports: dict[str, int] = {}
+        self.pid: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    # ------------------------------------------------------------------------------ addresses
+    @property
+    def gcs_address(self) -> str:
+        """``HOST:PORT`` of the GCS (for ``ray.init(address=...)`` and ``ray start --address``)."""
+        return f"{self.host}:{self._port('gcs')}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """``http://HOST:PORT`` of the dashboard and job server (``RAY_ADDRESS`` for jobs)."""
+        return f"http://{self.host}:{self._port('dashboard')}"
+
+    def _port(self, name: str) -> int:
+        if name not in self.ports:
+            raise RayHeadError("the Ray head has not been started")
+        return self.ports[name]
+
+    def token(self) -> str:
+        """The cluster's authentication token."""
+        return self.token_path.read_text().strip()
+
+    def env(self) -> dict[str, str]:
+        """What a client (``ray job submit``, the Jobs SDK) needs to reach this head."""
+        return {
+            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+        }
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def _choose_temp_dir(self) -> Path:
+        candidate = self.state_dir / "tmp"
+        if len(str(candidate)) <= MAX_TEMP_DIR_LENGTH:
+            candidate.mkdir(parents=True, exist_ok=True)
+            return candidate
+        return Path(tempfile.mkdtemp(prefix="segp-ray-", dir="/tmp"))
+
+    def _write_token(self) -> None:
+        if self.token_path.exists() and self.token_path.read_text().strip():
+            return
+        descriptor = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+
+    def _command(self) -> list[str]:
+        ray_cli = Path(sys.executable).with_name("ray")
+        command = [
+            str(ray_cli) if ray_cli.exists() else "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={self.host}",
+            f"--port={self.ports['gcs']}",
+            "--include-dashboard=true",
+            f"--dashboard-host={self.host}",
+            f"--dashboard-port={self.ports['dashboard']}",
+            f"--dashboard-agent-listen-port={self.ports['dashboard_agent']}",
+            f"--ray-client-server-port={self.ports['client']}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
+        if self.num_cpus is not None:
+            command.append(f"--num-cpus={self.num_cpus}")
+        return command
+
+    def _child_env(self) -> dict[str, str]:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("RAY_") or key == "RAY_USAGE_STATS_ENABLED"
+        }
+        venv_bin = str(Path(sys.executable).parent)
+        env.update(self.extra_env)
+        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env[INSTANCE_ENV_VAR] = self.marker
+        return env
+
+    def launch(self) -> RayHead:
+        """Start ``ray start --head --block`` without waiting; ``wait_ready`` waits."""
+        if self._process is not None and self._process.poll() is None:
+            return self
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._write_token()
+        self.temp_dir = self._choose_temp_dir()
+        used: set[int] = set()
+        for name in ("gcs", "dashboard", "dashboard_agent", "client"):
+            port = free_port(self.host, exclude=used | set(WORKER_PORT_RANGE))
+            used.add(port)
+            self.ports[name] = port
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._process = subprocess.Popen(
+            self._command(),
+            cwd=self.state_dir,
+            env=self._child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group and session
+        )
+        self.pid = self._process.pid
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> RayHead:
+        """Wait until the job server answers an authenticated request; RayHeadError if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                tail = self._log_tail()
+                self.stop()
+                raise RayHeadError(
+                    f"ray start exited during start-up; log {self.log_path}:\n{tail}"
+                )
+            if self.healthy():
+                return self
+            time.sleep(0.5)
+        tail = self._log_tail()
+        self.stop()
+        raise RayHeadError(f"the Ray head was not ready after {timeout} s; log:\n{tail}")
+
+    def start(self, timeout: float = 120.0) -> RayHead:
+        """``launch()`` then ``wait_ready()``."""
+        return self.launch().wait_ready(timeout)
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        """The job server lists jobs for the token (and so is up and authenticating)."""
+        if "dashboard" not in self.ports:
+            return False
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/jobs/",
+            headers={"Authorization": f"Bearer {self.token()}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def is_alive(self) -> bool:
+        """Whether the ``ray start --block`` process runs."""
+        if self._process is not None:
+            return self._process.poll() is None
+        if self.pid is None:
+            return False
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(self.pid)
+            return process.status() != psutil.STATUS_ZOMBIE and self.instance_marker_matches(
+                process
+            )
+        return False
+
+    def instance_marker_matches(self, process: psutil.Process) -> bool:
+        """Whether ``process`` was started for this head (guards against reused pids)."""
+        with contextlib.suppress(psutil.Error, OSError):
+            return process.environ().get(INSTANCE_ENV_VAR) == self.marker
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop this head and everything it started; other Ray clusters are left alone.
+
+        SIGINT lets ``ray start --block`` shut its processes down in order; then the process
+        group is killed, and finally any process still carrying this head's instance marker or
+        temp dir (job drivers, workers that left the group) is killed too.
+        """
+        if self.pid is not None and self.is_alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGINT)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.is_alive():
+                time.sleep(0.2)
+            terminate_process_group(self.pid, timeout=5.0)
+        elif self.pid is not None:
+            terminate_process_group(self.pid, timeout=5.0)
+        if self._process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+        paths = (str(self.temp_dir),) if self.temp_dir is not None else ()
+        kill_processes(processes_marked(self.marker, paths))
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self._process = None
+        if self.temp_dir is not None and not self.temp_dir.is_relative_to(self.state_dir):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------------------------ records
+    def to_record(self) -> dict[str, Any]:
+        """What ``from_record`` needs to find and stop this head from another process."""
+        return {
+            "pid": self.pid,
+            "instance_id": self.instance_id,
+            "host": self.host,
+            "ports": dict(self.ports),
+            "temp_dir": str(self.temp_dir) if self.temp_dir is not None else None,
+            "token_path": str(self.token_path),
+            "log": str(self.log_path),
+            "gcs_address": self.gcs_address,
+            "dashboard_url": self.dashboard_url,
+        }
+
+    @classmethod
+    def from_record(cls, state_dir: str | os.PathLike[str], record: dict[str, Any]) -> RayHead:
+        """A handle on a head started by another process (``segplatform local down``)."""
+        head = cls(state_dir, host=record["host"], instance_id=record["instance_id"])
+        head.ports = {name: int(port) for name, port in record["ports"].items()}
+        head.pid = record.get("pid")
+        head.temp_dir = Path(record["temp_dir"]) if record.get("temp_dir") else None
+        head.token_path = Path(record["token_path"])
+        return head
+
+    def __enter__(self) -> RayHead:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.dashboard_url if self.ports else "not started"
+        return f"RayHead({str(self.state_dir)!r}, {where})"
