@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-IGNORE_COLOUR = (255, 255, 255)  # how ignored pixels are drawn
+IGNORE_COLOUR = (255, 255, 255)  # ignored pixels in a colour-coded label map
+IGNORE_STRIPES = ((255, 255, 255), (255, 0, 255))  # ignored pixels in overlays: stripes
 
 
 def palette_array(palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
@@ -46,16 +47,32 @@ def overlay(
     *,
     alpha: float = 0.5,
     ignore_index: int = 255,
-    background: int | None = 0,
+    background: int | None = None,
 ) -> np.ndarray:
-    """The label colours blended over ``image`` (RGB uint8); ``background`` pixels stay clear."""
-    rgb = as_rgb(image).astype(np.float32)
-    colours = colorize(labels, palette, ignore_index).astype(np.float32)
-    weight = np.full(labels.shape, alpha, np.float32)
+    """``image`` blended with the palette colour of each label: (H, W, 3) uint8.
+
+    Pixel = round((1 - alpha) * image + alpha * colour). Ignored pixels are drawn opaque in
+    diagonal white/magenta stripes; labels without a palette entry, and ``background`` pixels
+    when ``background`` is given, are left unblended.
+    """
+    rgb = as_rgb(image)
+    labels = labels.astype(np.intp)
+    table = np.zeros((max(len(palette), int(labels.max(initial=0)) + 1), 3), np.float32)
+    table[: len(palette)] = np.asarray(palette, np.float32).reshape(-1, 3)
+    colours = table[labels]  # (H, W, 3)
+    out = np.rint((1.0 - alpha) * rgb.astype(np.float32) + alpha * colours)
+    out = out.clip(0, 255).astype(np.uint8)  # (H, W, 3)
+    clear = labels >= len(palette)
     if background is not None:
-        weight[labels == background] = 0.0
-    weight = weight[:, :, None]
-    return (rgb * (1 - weight) + colours * weight).round().astype(np.uint8)
+        clear |= labels == background
+    out[clear] = rgb[clear]
+    ignore = labels == ignore_index
+    if ignore.any():
+        rows, cols = np.indices(labels.shape)
+        stripe = ((rows + cols) // 4) % 2 == 0  # (H, W)
+        out[ignore & stripe] = IGNORE_STRIPES[0]
+        out[ignore & ~stripe] = IGNORE_STRIPES[1]
+    return out
 
 
 def indexed_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segplatform.data.format import DatasetError, DatasetInfo, read_manifest, shard_paths
 from segplatform.data.reader import decode_image, decode_mask
+from segplatform.visualize import IGNORE_STRIPES, overlay
 
 PROGRESS_MIN_ROWS = 200  # show a progress bar when a pass reads at least this many rows
 CHANNELS_BY_MODE: dict[str, int] = {"L": 1, "P": 1, "I;16": 1, "LA": 2, "RGB": 3, "RGBA": 4}
@@ -32,7 +33,6 @@ CAPTION = 16  # preview: height of the caption (sample id) under each tile
 SWATCH = 14  # preview: side of a legend colour swatch
 LEGEND_ROW = 20  # preview: height of one legend row
 LEGEND_COLUMN = 200  # preview: width of one legend column
-IGNORE_STRIPES = ((255, 255, 255), (255, 0, 255))  # preview: ignore pixels as white/magenta stripes
 
 
 def _progress_bar(total: int, description: str, enabled: bool | None) -> Any:
@@ -246,36 +246,6 @@ def render_inspection(report: dict[str, Any], console: Any = None) -> None:
     console.print(frequencies)
 
 
-def overlay_mask(
-    image: np.ndarray,
-    mask: np.ndarray,
-    palette: Sequence[Sequence[int]],
-    ignore_index: int,
-    alpha: float = 0.5,
-) -> np.ndarray:
-    """(H, W, 3) uint8: ``image`` blended with the palette colour of each label.
-
-    Pixel = round((1 - alpha) * image + alpha * colour). Ignore pixels are drawn opaque in
-    diagonal white/magenta stripes; labels without a palette entry are left unblended.
-    """
-    if image.ndim == 2 or image.shape[2] == 1:
-        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)  # (H, W, 3)
-    table = np.zeros((max(len(palette), int(mask.max()) + 1), 3), dtype=np.float32)
-    table[: len(palette)] = np.asarray(palette, dtype=np.float32)
-    colours = table[mask.astype(np.intp)]  # (H, W, 3)
-    blended = np.rint((1.0 - alpha) * image.astype(np.float32) + alpha * colours)
-    out = blended.clip(0, 255).astype(np.uint8)  # (H, W, 3)
-    unknown = mask >= len(palette)
-    out[unknown] = image[unknown]
-    ignore = mask == ignore_index
-    if ignore.any():
-        rows, cols = np.indices(mask.shape)
-        stripe = ((rows + cols) // 4) % 2 == 0  # (H, W)
-        out[ignore & stripe] = IGNORE_STRIPES[0]
-        out[ignore & ~stripe] = IGNORE_STRIPES[1]
-    return out
-
-
 def preview_layout(count: int, legend_entries: int) -> dict[str, int]:
     """Grid geometry of a preview of ``count`` samples and ``legend_entries`` legend rows."""
     columns = max(1, math.ceil(math.sqrt(count)))
@@ -351,7 +321,9 @@ def preview_dataset(
         shown_mask = np.asarray(
             Image.fromarray(mask, mode=mode).resize(size, Image.Resampling.NEAREST)
         )
-        tile = overlay_mask(shown_image, shown_mask, info.palette, info.ignore_index, alpha)
+        tile = overlay(
+            shown_image, shown_mask, info.palette, alpha=alpha, ignore_index=info.ignore_index
+        )
         canvas.paste(Image.fromarray(tile), (left, top))
         draw.text((left, top + TILE + 2), str(sample_id)[:40], fill=(230, 230, 230), font=font)
     legend_top = GAP + layout["rows"] * (TILE + CAPTION + GAP)

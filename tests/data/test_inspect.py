@@ -14,14 +14,13 @@ from rich.console import Console
 from segplatform.data import DatasetError, DatasetInfo, DatasetWriter, Sample
 from segplatform.data.inspect import (
     GAP,
-    IGNORE_STRIPES,
     TILE,
     inspect_dataset,
-    overlay_mask,
     preview_dataset,
     preview_layout,
     render_inspection,
 )
+from segplatform.visualize import IGNORE_STRIPES, overlay
 
 CLASSES = ("background", "road", "car")
 PALETTE = ((0, 0, 0), (200, 40, 120), (10, 220, 60))
@@ -99,7 +98,7 @@ def test_overlay_blends_palette_and_stripes_ignore() -> None:
     mask = np.zeros((8, 8), dtype=np.uint8)
     mask[:4] = 1
     mask[6:, 6:] = 255
-    out = overlay_mask(image, mask, PALETTE, 255, alpha=0.5)
+    out = overlay(image, mask, PALETTE, alpha=0.5, ignore_index=255)
     expected_road = [round(0.5 * GREY + 0.5 * c) for c in PALETTE[1]]
     assert out[0, 0].tolist() == expected_road
     assert out[5, 0].tolist() == [GREY // 2] * 3  # background (black) at half strength
