@@ -111,6 +111,20 @@ _VGG16_BN_POOLS = (6, 13, 23, 33, 43)
 _VGG16_WIDTHS = (64, 128, 256, 512, 512)
 
 
+def _init_vgg(features: nn.Module) -> None:
+    """torchvision's VGG initialisation (``VGG._initialize_weights``): He-normal convolutions
+    (fan-out), zero biases, unit BN. PyTorch's default conv init shrinks activations through the
+    13 layers and stalls training from scratch."""
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 class VGG16(nn.Module):
     """VGG16 configuration D (Simonyan & Zisserman, Table 1), 13 convolutions in five blocks.
 
@@ -164,6 +178,7 @@ class VGG16(nn.Module):
             for conv in convs[10:]:  # conv5_1..conv5_3
                 conv.dilation, conv.padding = (2, 2), (2, 2)
         self.return_indices = return_indices and not dilate_last
+        _init_vgg(self.features)
         self._stages = [0, *[p + 1 for p in pools]]  # slice bounds per block
         strides = (2, 4, 8, 8, 8) if dilate_last else (2, 4, 8, 16, 32)
         self.feature_info = [
