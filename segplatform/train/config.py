@@ -1,0 +1,351 @@
+"""``TrainConfig``: everything one distributed training run needs, validated on construction.
+
+One unit of time everywhere: the *iteration*, one optimizer step (``grad_accum`` micro-batches of
+``batch_size`` images on each of ``num_workers`` workers). ``max_iters``, ``warmup_iters``,
+``eval_every``, ``checkpoint_every`` and ``log_every`` all count iterations. A run given
+``epochs`` instead of ``max_iters`` gets ``max_iters = epochs × iterations per epoch`` when it
+starts (the dataset's row count is read from its manifest).
+
+``num_workers=0`` is Ray Train's local mode: the loop runs in the driver process with the whole
+datasets (debugging, quick checks). Checkpoints are still written under ``storage_path/name``, but
+nothing restarts or resumes the run and ``keep_checkpoints`` does not prune.
+
+A checkpoint is only taken where an evaluation also runs (``checkpoint_every`` is a multiple of
+``eval_every``), so every checkpoint carries the ``val_miou`` that keeps the best ``k``.
+
+The config travels to the Ray workers as a plain dict (``to_dict`` / ``from_dict``), and the
+command line of ``segplatform train`` and of every ``jobs/train_<arch>.py`` builds one
+(``segplatform.train.cli_args``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+OPTIMIZERS = ("sgd", "adamw")
+LOSSES = ("ce", "ohem", "dice", "ce+dice")
+AMP_DTYPES = ("bf16", "fp16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+CLASS_WEIGHT_MODES = ("median_frequency",)
+# ImageNet statistics on the 0..1 scale (torchvision's pretrained backbones expect them).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def default_run_name(arch: str) -> str:
+    """``<arch>-<UTC timestamp>``: a new name per run (a finished name is never trained again)."""
+    return f"{arch}-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (see the module docstring for the units)."""
+
+    # ---- model ---------------------------------------------------------------------------------
+    arch: str = "unet"  # registry name in architectures.ARCHITECTURES
+    arch_params: dict[str, Any] = field(default_factory=dict)  # config fields over the defaults
+    tiny: bool = False  # start from the architecture's tiny() config instead of the paper's
+    # ---- data ----------------------------------------------------------------------------------
+    data: str = ""  # dataset URI: /path, file://..., s3://bucket/prefix (required by run())
+    train_split: str = "train"  # split trained on
+    val_split: str = "val"  # split evaluated on
+    storage_options: dict[str, Any] | None = None  # S3 endpoint_url/key/secret/region (data+ckpt)
+    materialize_below_mb: float = 256.0  # splits smaller than this are read once into Ray's store
+    # ---- augmentation (segplatform.train.transforms) --------------------------------------------
+    crop_size: tuple[int, int] = (512, 512)  # training crop (H, W); padded with ignore if larger
+    scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale factor range (1, 1) = off
+    hflip: bool = True  # random horizontal flip with probability 0.5
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength, 0 = off
+    mean: tuple[float, ...] | None = None  # normalization mean (0..1); None: ImageNet's
+    std: tuple[float, ...] | None = None  # normalization std (0..1); None: ImageNet's
+    # ---- optimisation --------------------------------------------------------------------------
+    batch_size: int = 8  # images per worker per micro-batch
+    grad_accum: int = 1  # micro-batches summed into one optimizer step
+    max_iters: int | None = 1000  # optimizer steps in total (exactly one of max_iters / epochs)
+    epochs: int | None = None  # passes over the train split (converted to max_iters at start)
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw"
+    lr: float = 0.01  # base learning rate of the backbone parameters
+    momentum: float = 0.9  # SGD momentum (AdamW: beta1)
+    weight_decay: float = 1e-4  # L2 (SGD) / decoupled (AdamW) weight decay
+    poly_power: float = 0.9  # lr × (1 - it/max_iters)^power; 0 = constant learning rate
+    warmup_iters: int = 0  # linear warmup from warmup_factor × lr over these iterations
+    warmup_factor: float = 0.1  # lr multiplier at iteration 0 of the warmup
+    head_lr_mult: float = 1.0  # lr multiplier of parameters not under model.backbone
+    grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    # ---- loss (segplatform.train.losses) -------------------------------------------------------
+    loss: str = "ce"  # "ce", "ohem", "dice" or "ce+dice"
+    class_weights: str | tuple[float, ...] | None = None  # None, "median_frequency" or K floats
+    ohem_thresh: float = 0.7  # OHEM: pixels with target probability above this are easy
+    ohem_min_kept: int = 100_000  # OHEM: keep at least this many pixels per batch
+    dice_weight: float = 1.0  # weight of the Dice term in "ce+dice"
+    border_weights: bool = False  # U-Net eq. 2 per-pixel weights (touching-object borders)
+    border_w0: float = 10.0  # U-Net eq. 2 w0
+    border_sigma: float = 5.0  # U-Net eq. 2 sigma (pixels)
+    aux_weights: dict[str, float] | None = None  # overrides of model.loss_weights() entries
+    amp: str | None = None  # autocast dtype: None (fp32), "bf16" or "fp16" (fp16: CUDA only)
+    # ---- cluster -------------------------------------------------------------------------------
+    num_workers: int = 2  # Ray Train workers; 0 = Ray Train local mode (the loop in this process)
+    use_gpu: bool = False  # one GPU per worker, NCCL, SyncBatchNorm when num_workers > 1
+    cpus_per_worker: float | None = None  # None: 0.5 on CPU (Ray Data keeps CPU), 4 with a GPU
+    placement_strategy: str = "PACK"  # Ray placement group strategy of the worker group
+    ray_address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS or a local cluster
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
+    storage_retries: int = 3  # resumes after the checkpoint storage was unreachable (driver side)
+    # ---- storage, evaluation, checkpoints ------------------------------------------------------
+    storage_path: str = "~/segplatform/runs"  # checkpoint root: local path or s3://bucket/prefix
+    name: str = ""  # run name under storage_path (same name = resume); "" = <arch>-<time>
+    eval_every: int | None = None  # iterations between evaluations; None: once per epoch
+    checkpoint_every: int | None = None  # iterations between checkpoints (multiple of eval_every)
+    keep_checkpoints: int = 2  # checkpoints kept, best by val_miou
+    eval_recipe: dict[str, Any] = field(default_factory=dict)  # InferenceRecipe fields
+    eval_batch_size: int = 1  # validation images per forward pass (same-size images only)
+    log_every: int = 20  # iterations between training-metric reports
+    seed: int = 0  # seeds torch, numpy and random on every worker (plus the rank)
+    # ---- tracking ------------------------------------------------------------------------------
+    mlflow_uri: str | None = None  # MLflow tracking URI; None: MLFLOW_TRACKING_URI or no tracking
+    experiment: str = "segplatform"  # MLflow experiment name
+    register_as: str | None = None  # registered model name for the best checkpoint; None: none
+    register_alias: str = "champion"  # alias moved to the registered version
+    overlay_samples: int = 2  # fixed validation images logged as overlays at each evaluation
+    # ---- fault injection (tests only) ----------------------------------------------------------
+    fail_at_step: int | None = None  # TEST KNOB: worker fail_rank exits at this iteration, once
+    fail_rank: int = 0  # TEST KNOB: the rank that exits (first attempt only, marker in storage)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        # JSON and command lines give lists; the config holds tuples.
+        for name in ("crop_size", "scale_range", "mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                set_(self, name, tuple(float(v) if name != "crop_size" else v for v in value))
+        if isinstance(self.class_weights, list):
+            set_(self, "class_weights", tuple(float(v) for v in self.class_weights))
+        if isinstance(self.crop_size, int):
+            set_(self, "crop_size", (self.crop_size, self.crop_size))
+        set_(self, "arch_params", dict(self.arch_params or {}))
+        set_(self, "eval_recipe", dict(self.eval_recipe or {}))
+        if not self.name:
+            set_(self, "name", default_run_name(self.arch))
+        self._validate()
+
+    # ---- validation ----------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        def fail(field_name: str, message: str) -> None:
+            raise ValueError(
+                f"TrainConfig.{field_name}: {message} (got {getattr(self, field_name)!r})"
+            )
+
+        def positive_int(field_name: str, *, allow_none: bool = False, minimum: int = 1) -> None:
+            value = getattr(self, field_name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                fail(field_name, f"must be an int >= {minimum}")
+
+        if not isinstance(self.arch, str) or not self.arch:
+            fail("arch", "must be a registry name")
+        if not isinstance(self.data, str):
+            fail("data", "must be a dataset URI string")
+        for name in ("train_split", "val_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                fail(name, "must be a split name")
+        if self.materialize_below_mb < 0:
+            fail("materialize_below_mb", "must be >= 0 (0: always stream from storage)")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            fail("storage_options", "must be a dict or None")
+        # augmentation
+        if (
+            len(self.crop_size) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in self.crop_size)
+            or min(self.crop_size) < 8
+        ):
+            fail("crop_size", "must be two ints >= 8 (H, W)")
+        low, high = (*self.scale_range, 0.0, 0.0)[:2]
+        if len(self.scale_range) != 2 or not 0 < low <= high <= 8:
+            fail("scale_range", "must be (low, high) with 0 < low <= high <= 8")
+        if not 0 <= self.color_jitter < 1:
+            fail("color_jitter", "must be in [0, 1)")
+        if (self.mean is None) != (self.std is None):
+            fail("mean", "mean and std must be given together")
+        if self.mean is not None:
+            if len(self.mean) != len(self.std) or not self.mean:
+                fail("std", f"must have as many values as mean ({len(self.mean)})")
+            if min(self.std) <= 0:
+                fail("std", "values must be > 0")
+        # optimisation
+        positive_int("batch_size")
+        positive_int("grad_accum")
+        positive_int("max_iters", allow_none=True)
+        positive_int("epochs", allow_none=True)
+        if (self.max_iters is None) == (self.epochs is None):
+            fail("max_iters", "give exactly one of max_iters and epochs")
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", f"must be one of {OPTIMIZERS}")
+        if not self.lr > 0:
+            fail("lr", "must be > 0")
+        if not 0 <= self.momentum < 1:
+            fail("momentum", "must be in [0, 1)")
+        if self.weight_decay < 0:
+            fail("weight_decay", "must be >= 0")
+        if self.poly_power < 0:
+            fail("poly_power", "must be >= 0")
+        positive_int("warmup_iters", minimum=0)
+        if not 0 < self.warmup_factor <= 1:
+            fail("warmup_factor", "must be in (0, 1]")
+        if not self.head_lr_mult > 0:
+            fail("head_lr_mult", "must be > 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            fail("grad_clip", "must be > 0 or None")
+        # loss
+        if self.loss not in LOSSES:
+            fail("loss", f"must be one of {LOSSES}")
+        if isinstance(self.class_weights, str):
+            if self.class_weights not in CLASS_WEIGHT_MODES:
+                fail("class_weights", f"must be None, {CLASS_WEIGHT_MODES} or a list of floats")
+        elif self.class_weights is not None and (
+            not self.class_weights or min(self.class_weights) < 0
+        ):
+            fail("class_weights", "must be non-negative floats, one per class")
+        if not 0 < self.ohem_thresh <= 1:
+            fail("ohem_thresh", "must be in (0, 1]")
+        positive_int("ohem_min_kept", minimum=0)
+        if self.dice_weight < 0:
+            fail("dice_weight", "must be >= 0")
+        if self.border_w0 < 0:
+            fail("border_w0", "must be >= 0")
+        if not self.border_sigma > 0:
+            fail("border_sigma", "must be > 0")
+        if self.aux_weights is not None and (
+            not isinstance(self.aux_weights, dict)
+            or any(not isinstance(v, (int, float)) or v < 0 for v in self.aux_weights.values())
+        ):
+            fail("aux_weights", "must map output keys to weights >= 0")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            fail("amp", f"must be None or one of {AMP_DTYPES}")
+        if self.amp == "fp16" and not self.use_gpu:
+            fail("amp", "fp16 autocast needs use_gpu (on CPU use None or 'bf16')")
+        # cluster
+        positive_int("num_workers", minimum=0)
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            fail("cpus_per_worker", "must be > 0 or None")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            fail("placement_strategy", f"must be one of {PLACEMENT_STRATEGIES}")
+        positive_int("max_failures", minimum=0)
+        positive_int("storage_retries", minimum=0)
+        # storage, evaluation, checkpoints
+        if not isinstance(self.storage_path, str) or not self.storage_path:
+            fail("storage_path", "must be a local path or s3://bucket/prefix")
+        if not _NAME_PATTERN.match(self.name):
+            fail("name", "must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        positive_int("eval_every", allow_none=True)
+        positive_int("checkpoint_every", allow_none=True)
+        if (
+            self.eval_every is not None
+            and self.checkpoint_every is not None
+            and self.checkpoint_every % self.eval_every
+        ):
+            fail("checkpoint_every", f"must be a multiple of eval_every ({self.eval_every})")
+        positive_int("keep_checkpoints")
+        positive_int("eval_batch_size")
+        positive_int("log_every")
+        positive_int("seed", minimum=0)
+        positive_int("overlay_samples", minimum=0)
+        positive_int("fail_at_step", allow_none=True)
+        positive_int("fail_rank", minimum=0)
+        if self.fail_rank >= max(self.num_workers, 1):
+            fail("fail_rank", f"must be below num_workers ({self.num_workers})")
+        try:
+            self.inference_recipe()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"TrainConfig.eval_recipe: {err}") from None
+        try:
+            self.model_config()
+        except KeyError as err:
+            raise ValueError(f"TrainConfig.arch: {err.args[0]}") from None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"TrainConfig.arch_params ({self.arch}): {err}") from None
+
+    # ---- derived objects -----------------------------------------------------------------------
+
+    def model_config(self, **extra: Any) -> Any:
+        """The architecture's config object: tiny() or the paper's defaults, then arch_params."""
+        import architectures
+
+        params = {**self.arch_params, **extra}
+        if self.tiny:
+            cls = architectures.config_class(self.arch)
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(params) - fields)
+            if unknown:
+                raise TypeError(f"unknown parameter(s) {', '.join(unknown)}")
+            params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+            return cls.tiny(**params)
+        return architectures.build_config(self.arch, **params)
+
+    def inference_recipe(self) -> Any:
+        """The validation ``InferenceRecipe`` (segplatform.inference)."""
+        from segplatform.inference import InferenceRecipe
+
+        return InferenceRecipe.from_dict(self.eval_recipe)
+
+    def normalization(self, in_channels: int) -> dict[str, list[float]]:
+        """Per-channel mean/std for ``in_channels`` (a grey model gets the mean of RGB stats)."""
+        mean = list(self.mean if self.mean is not None else IMAGENET_MEAN)
+        std = list(self.std if self.std is not None else IMAGENET_STD)
+        if len(mean) == in_channels:
+            return {"mean": mean, "std": std}
+        if len(mean) == 1:
+            return {"mean": mean * in_channels, "std": std * in_channels}
+        if in_channels == 1:
+            return {"mean": [sum(mean) / len(mean)], "std": [sum(std) / len(std)]}
+        raise ValueError(
+            f"TrainConfig.mean: {len(mean)} values for a model with {in_channels} input channels"
+        )
+
+    def resolved_cpus_per_worker(self) -> float:
+        """CPUs per worker: explicit, else 0.5 on CPU (leaving CPU to Ray Data), 4 with a GPU."""
+        if self.cpus_per_worker is not None:
+            return float(self.cpus_per_worker)
+        return 4.0 if self.use_gpu else 0.5
+
+    # ---- serialization -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); ``from_dict`` inverts it."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a dict; unknown keys raise ValueError naming them and ``source``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a training config must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown TrainConfig field(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(names))}"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> TrainConfig:
+        """Parse ``segplatform train`` options (see ``segplatform.train.cli_args``)."""
+        from segplatform.train.cli_args import build_parser, config_from_args
+
+        parser = build_parser(prog="segplatform train")
+        return config_from_args(parser.parse_args(argv), parser=parser)

@@ -1,0 +1,99 @@
+"""Fault tolerance: a worker process dies mid-run; the driver is killed and the run resubmitted.
+
+Both runs must continue from their last checkpoint: the step counter does not restart from 0.
+The worker fault uses the test-only knob ``fail_at_step`` (rank ``fail_rank`` calls
+``os._exit(1)`` at that iteration, once: a marker file in the run directory remembers it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from segplatform.train import TrainConfig, run
+
+pytestmark = pytest.mark.slow
+
+
+def _config(data: str, storage: str, name: str, **changes: object) -> TrainConfig:
+    return TrainConfig(
+        arch="unet",
+        tiny=True,
+        arch_params={"padding": "same"},
+        data=data,
+        crop_size=(32, 32),
+        batch_size=2,
+        num_workers=2,
+        eval_every=2,
+        log_every=1,
+        storage_path=storage,
+        name=name,
+        overlay_samples=0,
+        **changes,
+    )
+
+
+def test_worker_exit_resumes_from_last_checkpoint(
+    ray_cluster: None, shapes_dataset: str, storage: str
+) -> None:
+    config = _config(
+        shapes_dataset, storage, "worker-fault", max_iters=4, fail_at_step=3, fail_rank=1,
+        max_failures=1,
+    )  # fmt: skip
+    metrics = run(config).metrics
+    assert metrics["step"] == 4
+    assert metrics["attempt"] == 2  # one restart of the worker group
+    assert metrics["start_step"] == 2  # resumed from the step-2 checkpoint, not from 0
+    assert (Path(storage) / "worker-fault" / ".fault-injected-rank1").exists()
+
+
+def _registered_steps(run_dir: Path) -> list[int]:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    try:
+        text = snapshot.read_text()
+        json.loads(text)
+    except (OSError, ValueError):
+        return []
+    return [int(part[:8]) for part in text.split("checkpoint_step")[1:] if part[:8].isdigit()]
+
+
+def test_killed_driver_resubmitted_with_same_name_continues(
+    ray_cluster: None, shapes_dataset: str, storage: str, tmp_path: Path
+) -> None:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    command = [
+        sys.executable, "-m", "segplatform", "train", "--arch", "unet", "--tiny",
+        "--arch-param", 'padding="same"', "--data", shapes_dataset, "--workers", "2",
+        "--crop-size", "32", "--batch-size", "2", "--max-iters", "40", "--eval-every", "2",
+        "--storage", storage, "--name", "driver-kill", "--ray-address", address,
+        "--set", "overlay_samples=0",
+    ]  # fmt: skip
+    log = (tmp_path / "driver.log").open("wb")
+    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = Path(storage) / "driver-kill"
+    try:
+        deadline = time.monotonic() + 300
+        while not any(step >= 2 for step in _registered_steps(run_dir)):
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint registered in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and only it (its own session)
+        driver.wait(timeout=30)
+        log.close()
+    before = max(_registered_steps(run_dir))
+    config = _config(shapes_dataset, storage, "driver-kill", max_iters=before + 2)
+    metrics = run(config).metrics
+    assert metrics["start_step"] >= 2  # continued from a checkpoint of the killed run
+    assert metrics["step"] == before + 2

@@ -1,0 +1,70 @@
+"""Every ``jobs/train_<arch>.py`` runs one tiny iteration through the real training service.
+
+The jobs run in Ray Train's local mode (``--workers 0``: the same loop in this process, no worker
+actors) so that twelve architectures fit the test budget; the distributed path is covered by
+``test_train_local.py``. Mask R-CNN trains on a dataset with instance maps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import architectures
+
+JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"job_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_job_per_registry_entry() -> None:
+    jobs = {p.stem.removeprefix("train_") for p in JOBS_DIR.glob("train_*.py")}
+    assert jobs == set(architectures.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", sorted(architectures.ARCHITECTURES))
+def test_job_recipe_is_the_papers_and_scales_lr(arch: str) -> None:
+    from segplatform.train.cli_args import build_parser, config_from_args
+
+    recipe = _load(JOBS_DIR / f"train_{arch}.py").RECIPE
+    assert recipe.config.arch == arch
+    assert recipe.description and recipe.reference_batch >= 1
+    parser = build_parser(defaults=recipe.config)
+    args = parser.parse_args(["--data", "/d", "--workers", "4", "--batch-size", "1"])
+    config = config_from_args(args, base=recipe.config, reference_batch=recipe.reference_batch)
+    assert config.lr == pytest.approx(recipe.config.lr * 4 / recipe.reference_batch)
+    assert config.crop_size == recipe.config.crop_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(architectures.ARCHITECTURES))
+def test_job_runs_one_tiny_iteration(
+    arch: str,
+    ray_cluster: None,
+    shapes_dataset: str,
+    instances_dataset: str,
+    storage: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    module = _load(JOBS_DIR / f"train_{arch}.py")
+    data = instances_dataset if arch == "mask_rcnn" else shapes_dataset
+    argv = [
+        "--data", data, "--tiny", "--workers", "0", "--max-iters", "1", "--storage", storage,
+        "--name", f"job-{arch}", "--set", "overlay_samples=0",
+    ]  # fmt: skip
+    assert module.job_main(module.RECIPE, argv) == 0
+    assert "run job-" in capsys.readouterr().out
+    checkpoints = list((Path(storage) / f"job-{arch}").glob("checkpoint_step00000001_*"))
+    assert len(checkpoints) == 1
+    meta = json.loads((checkpoints[0] / "model" / "model.json").read_text())
+    assert meta["architecture"] == arch and meta["extra"]["step"] == 1

@@ -1,0 +1,122 @@
+"""Training with data and checkpoints on S3 (a real SeaweedFS server), across a server restart.
+
+The server is this module's own (not the session one), so that it can be stopped and started
+again on the same ports and data directory while two workers train.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from segplatform.services import seaweed
+from segplatform.services.seaweed import SeaweedServer
+from segplatform.train import TrainConfig, run
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "train"
+
+
+def _restart_on_same_ports(server: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop the server and start it again with the same ports and data directory."""
+    ports = [server.ports[name] for name in ("s3", "master", "volume", "filer", "admin")]
+    server.stop()
+    time.sleep(2)
+    queue = iter(ports)
+    with monkeypatch.context() as patch:
+        patch.setattr(seaweed, "free_port_pair", lambda *a, **k: next(queue))
+        server.start(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    server = SeaweedServer(
+        tmp_path_factory.mktemp("seaweed-train"),
+        access_key="AK" + secrets.token_hex(8).upper(),
+        secret_key=secrets.token_urlsafe(24),
+    )
+    server.start(timeout=60)
+    try:
+        server.create_bucket(BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+def _checkpoint_dirs(fs: pafs.FileSystem, run_dir: str) -> list[str]:
+    selector = pafs.FileSelector(run_dir, allow_not_found=True)
+    try:
+        infos = fs.get_file_info(selector)
+    except OSError:  # the server is down
+        return []
+    return sorted(i.base_name for i in infos if i.base_name.startswith("checkpoint_step"))
+
+
+def test_s3_data_and_checkpoints_survive_a_server_restart(
+    ray_cluster: None,
+    s3: SeaweedServer,
+    shapes_writer: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from segplatform.data.io import resolve
+
+    options = s3.storage_options()
+    data = f"s3://{BUCKET}/datasets/shapes"
+    shapes_writer(data, storage_options=options)
+    config = TrainConfig(
+        arch="unet",
+        tiny=True,
+        arch_params={"padding": "same"},
+        data=data,
+        storage_options=options,
+        crop_size=(32, 32),
+        batch_size=2,
+        num_workers=2,
+        max_iters=6,
+        eval_every=2,
+        log_every=1,
+        storage_path=f"s3://{BUCKET}/runs",
+        name="s3-run",
+        max_failures=3,
+        overlay_samples=0,
+    )
+    outcome: dict[str, Any] = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = run(config)
+        except BaseException as err:  # reported by the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    fs, runs_path = resolve(f"s3://{BUCKET}/runs/s3-run", options)
+    deadline = time.monotonic() + 300
+    while not _checkpoint_dirs(fs, runs_path):
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "no checkpoint reached S3"
+        time.sleep(0.5)
+    _restart_on_same_ports(s3, monkeypatch)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.metrics["step"] == 6
+    assert result.checkpoint.path.startswith(f"{BUCKET}/runs/s3-run/checkpoint_step00000006")
+    # The checkpoint really is on S3: fetch its training state and weights.
+    local = tmp_path / "ckpt"
+    result.checkpoint.to_directory(str(local))
+    state = torch.load(local / "train_state.pt", weights_only=True)
+    assert state["step"] == 6
+    assert (local / "model" / "model.safetensors").stat().st_size > 0
+    assert len(_checkpoint_dirs(fs, runs_path)) >= 2
