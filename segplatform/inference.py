@@ -161,7 +161,7 @@ def to_tensor(
         array = array[:, :, None]
     if array.shape[2] == 4:
         array = array[:, :, :3]
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
+    tensor = torch.tensor(array).permute(2, 0, 1).float() / 255.0  # copies: input may be read-only
     channels = tensor.shape[0]
     if channels == 1 and in_channels > 1:
         tensor = tensor.expand(in_channels, -1, -1)

@@ -14,6 +14,7 @@ import sys
 # Command modules, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     # [commands]
+    "quickstart",
     "train",
     "data",
     "local",
