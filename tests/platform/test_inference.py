@@ -117,3 +117,30 @@ def test_segment_returns_labels_and_probabilities():
     assert labels.shape == (21, 17) and labels.dtype == np.uint8
     assert probs.shape == (4, 21, 17)
     np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
+def test_segment_with_crf_snaps_a_blurred_prediction_to_the_image_edge():
+    """The CRF stage of the recipe (DeepLab v1/v2) refines probabilities with the image."""
+
+    class BlurredEdge(nn.Module):
+        """Predicts the right class but with a soft boundary 6 pixels off the true edge."""
+
+        def forward(self, x):
+            width = x.shape[-1]
+            ramp = torch.linspace(-3.0, 3.0, width).view(1, 1, 1, width) + 0.6
+            logits = torch.cat([-ramp, ramp], dim=1).expand(x.shape[0], 2, x.shape[2], width)
+            return {"out": logits}
+
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:, 32:] = 255  # sharp edge at column 32: class 1 on the right
+    truth = np.zeros((32, 64), np.int64)
+    truth[:, 32:] = 1
+    common = {
+        "num_classes": 2,
+        "in_channels": 3,
+        "normalization": {"mean": [0] * 3, "std": [1] * 3},
+    }
+    plain, _ = segment(BlurredEdge(), image, recipe=InferenceRecipe(), **common)
+    refined, _ = segment(BlurredEdge(), image, recipe=InferenceRecipe(crf=True), **common)
+    assert (refined == truth).mean() > (plain == truth).mean()
+    assert (refined == truth).mean() > 0.98
