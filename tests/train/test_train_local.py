@@ -18,8 +18,8 @@ from segplatform.train import TrainConfig, run
 
 pytestmark = pytest.mark.slow
 
-MAX_ITERS = 40
-EVAL_EVERY = 20
+MAX_ITERS = 80
+EVAL_EVERY = 40
 
 
 @pytest.fixture(scope="module")
