@@ -5,7 +5,9 @@ registration, run end) to a background thread. Each record is first appended to 
 log in ``buffer_dir`` (``records.jsonl``; artifact files are copied beside it), then delivered in
 order. When the tracking server is unreachable the thread keeps the records, warns once, and
 retries; on recovery it sends everything in order. If the server is still down when the run ends,
-the records stay in the buffer and ``segplatform tracking sync BUFFER_DIR`` uploads them later.
+``finish`` stops waiting after ``give_up_after`` seconds (the end of a training run is not held up
+by a dead server), the records stay in the buffer, a warning names the buffer, and
+``segplatform tracking sync BUFFER_DIR`` uploads them later.
 
 A run is identified by a ``run_key`` (the Ray Train run name): a resumed training attempt finds
 and continues its MLflow run (tag ``segplatform.run_key``) instead of opening a new one.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -150,7 +153,10 @@ class RunTracker:
         run_key: str | None = None,
         tags: dict[str, Any] | None = None,
         retry_interval: float = 2.0,
+        give_up_after: float = 15.0,
     ) -> None:
+        """``retry_interval``: seconds between delivery attempts while the server is down.
+        ``give_up_after``: how long ``finish`` keeps retrying a server that does not answer."""
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.tracking_uri = tracking_uri
@@ -158,12 +164,14 @@ class RunTracker:
         self.files_dir = self.buffer_dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.retry_interval = retry_interval
+        self.give_up_after = give_up_after
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[int, str, dict[str, Any]]] = []
         self._seq = _last_seq(self.buffer_dir)
         self._closed = False
         self._outage_warned = False
+        self._unreachable_since: float | None = None  # monotonic time of the first failed send
         self._delivery = _Delivery(tracking_uri, experiment)
         _write_meta(self.buffer_dir, tracking_uri, experiment)
         self._thread = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
@@ -256,9 +264,13 @@ class RunTracker:
         self._record("register", args)
 
     def finish(self, status: str = "FINISHED", timeout: float = 120.0) -> bool:
-        """End the run and wait up to ``timeout`` s for delivery; False if records remain."""
+        """End the run and wait for delivery; False if records remain in the buffer.
+
+        Waits up to ``timeout`` s while records are being delivered, but only ``give_up_after``
+        s while the server does not answer.
+        """
         self._record("end", {"status": status})
-        delivered = self.flush(timeout)
+        delivered = self._wait_delivered(timeout, give_up_after=self.give_up_after)
         with self._lock:
             self._closed = True
             self._wake.notify_all()
@@ -275,11 +287,23 @@ class RunTracker:
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every record so far is delivered (True) or ``timeout`` passes (False)."""
-        deadline = time.monotonic() + timeout
+        return self._wait_delivered(timeout)
+
+    def _wait_delivered(self, timeout: float, give_up_after: float | None = None) -> bool:
+        start = time.monotonic()
+        deadline = start + timeout
         with self._lock:
             while self._pending:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
+                    return False
+                since = self._unreachable_since  # no answer from the server since then
+                if (
+                    give_up_after is not None
+                    and since is not None
+                    and now - max(since, start) >= give_up_after
+                ):
                     return False
                 self._wake.wait(min(left, 0.5))
         return True
@@ -313,12 +337,15 @@ class RunTracker:
             try:
                 self._delivery.send(op, args, self.files_dir)
             except Exception as err:
+                with self._lock:
+                    if self._unreachable_since is None:
+                        self._unreachable_since = time.monotonic()
                 if not self._outage_warned:
                     logger.warning(
                         "MLflow at %s unreachable (%s); training goes on, records are kept in "
                         "%s and sent when it is back",
                         self.tracking_uri,
-                        str(err).splitlines()[0][:200],
+                        _reason(err),
                         self.buffer_dir,
                     )
                     self._outage_warned = True
@@ -331,6 +358,7 @@ class RunTracker:
                 logger.warning("MLflow at %s is reachable again", self.tracking_uri)
                 self._outage_warned = False
             with self._lock:
+                self._unreachable_since = None
                 self._pending.pop(0)
                 (self.buffer_dir / DELIVERED).write_text(str(seq))
                 self._wake.notify_all()
@@ -346,6 +374,17 @@ class NullTracker:
         if name in ("finish", "flush"):
             return lambda *a, **k: True
         return lambda *a, **k: None
+
+
+def _reason(err: BaseException) -> str:
+    """A short cause of a failed delivery (``[Errno 111] Connection refused``, not a URL dump)."""
+    text = str(err)
+    errno = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if errno:
+        return errno.group(0).strip()
+    _, found, cause = text.partition("failed with exception ")  # MLflow's HTTP client errors
+    lines = (cause if found else text).splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _jsonable(value: Any) -> Any:

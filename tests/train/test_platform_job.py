@@ -1,0 +1,283 @@
+"""Acceptance (issue 5): ``ray job submit`` of ``jobs/train_refinenet.py`` on the local platform.
+
+What a user does, with nothing but the settings ``segplatform local up`` prints:
+
+    segplatform local up --num-cpus 4          # Ray head (token auth), MLflow, S3 on 127.0.0.1
+    segplatform data convert mni152-tissue s3://segplatform/datasets/mni152
+    ray job submit --working-dir . -- python jobs/train_refinenet.py --tiny \\
+        --data s3://segplatform/datasets/mni152 --storage s3://segplatform/runs --workers 2 \\
+        --max-iters 2 --register-as refinenet-test
+    segplatform local down
+
+and what it must find: the job SUCCEEDED, its checkpoint on the platform's S3 server, the run
+(FINISHED, with metrics) and a registered model version with alias ``champion`` on the platform's
+MLflow server, a model package that ``load_package`` rebuilds from ``models:/NAME@champion``,
+a working-dir upload without the virtualenv or git history, and nothing left running after
+``down``. ``--num-cpus 4`` gives two 0.5-CPU workers and Ray Data spare CPU on two cores.
+
+One platform serves the module; ``test_down_leaves_nothing`` stops it and must stay last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+RUN_NAME = "refinenet-platform"
+MODEL_NAME = "refinenet-test"
+MAX_ITERS = 2
+# Variables that could point a client at another cluster or store; never passed on.
+FOREIGN_PREFIXES = ("RAY_", "AWS_", "MLFLOW_", "SEGPLATFORM_")
+
+
+@dataclass
+class Platform:
+    """The platform ``segplatform local up`` started for this module."""
+
+    state_dir: Path
+    home: Path  # an empty HOME for clients: no ~/.ray/auth_token, no ~/.aws
+    exports: dict[str, str]  # the ``export`` lines ``up`` printed
+    state: dict[str, Any]  # state.json as ``up`` wrote it
+
+    def client_env(self) -> dict[str, str]:
+        """PATH (venv first), HOME, locale and the printed settings; nothing else."""
+        return {
+            "PATH": f"{VENV_BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.home),
+            "LANG": "C.UTF-8",
+            **self.exports,
+        }
+
+    def run(self, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        """``args[0]`` from the venv with the client environment, in the repository root."""
+        return subprocess.run(
+            [str(VENV_BIN / args[0]), *args[1:]],
+            cwd=REPO,
+            env=self.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def s3_keys(self, prefix: str) -> list[str]:
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.exports["AWS_ENDPOINT_URL"],
+            aws_access_key_id=self.exports["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.exports["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.exports["AWS_DEFAULT_REGION"],
+            config=Config(s3={"addressing_style": "path"}),
+        )
+        bucket = self.exports["SEGPLATFORM_S3_BUCKET"]
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def _segplatform(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``segplatform ARGS`` with our environment minus any RAY_/AWS_/MLFLOW_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_PREFIXES)}
+    return subprocess.run(
+        [str(VENV_BIN / "segplatform"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _parse_exports(stdout: str) -> dict[str, str]:
+    exports = {}
+    for line in stdout.splitlines():
+        if line.startswith("export "):
+            key, _, value = shlex.split(line[len("export ") :])[0].partition("=")
+            exports[key] = value
+    return exports
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    base = tmp_path_factory.mktemp("platform-job")
+    state_dir, home = base / "state", base / "home"
+    home.mkdir()
+    up = _segplatform(["local", "up", "--state-dir", str(state_dir), "--num-cpus", "4"])
+    try:
+        assert up.returncode == 0, f"local up failed:\n{up.stdout}\n{up.stderr}"
+        state = json.loads((state_dir / "state.json").read_text())
+        yield Platform(state_dir, home, _parse_exports(up.stdout), state)
+    finally:
+        _segplatform(["local", "down", "--state-dir", str(state_dir)])  # no-op after a down
+
+
+@pytest.fixture(scope="module")
+def submitted(platform: Platform) -> dict[str, Any]:
+    """The dataset converted to the platform's bucket and the training job submitted."""
+    bucket = platform.exports["SEGPLATFORM_S3_BUCKET"]
+    data = f"s3://{bucket}/datasets/mni152"
+    convert = platform.run(["segplatform", "data", "convert", "mni152-tissue", data])
+    assert convert.returncode == 0, convert.stdout + convert.stderr
+    command = [
+        "ray", "job", "submit", "--working-dir", ".", "--",
+        "python", "jobs/train_refinenet.py", "--tiny", "--data", data,
+        "--storage", f"s3://{bucket}/runs", "--workers", "2", "--max-iters", str(MAX_ITERS),
+        "--register-as", MODEL_NAME, "--name", RUN_NAME,
+    ]  # fmt: skip
+    job = platform.run(command, timeout=600)
+    output = job.stdout + job.stderr
+    found = re.search(r"Job '(raysubmit_\w+)'", output)
+    assert found, output[-5000:]
+    return {"data": data, "bucket": bucket, "job": job, "output": output, "id": found[1]}
+
+
+def test_job_succeeded(platform: Platform, submitted: dict[str, Any]) -> None:
+    output = submitted["output"]
+    assert submitted["job"].returncode == 0, output[-5000:]
+    assert f"Job '{submitted['id']}' succeeded" in output, output[-5000:]
+    status = platform.run(["ray", "job", "status", submitted["id"]], timeout=60)
+    assert f"Job '{submitted['id']}' succeeded" in status.stdout, status.stdout + status.stderr
+    # The job's own summary (jobs/train_refinenet.py -> run_from_args).
+    assert f"run {RUN_NAME}: {MAX_ITERS} iterations" in output
+    assert f"registered as models:/{MODEL_NAME}@champion" in output
+
+
+def test_working_dir_upload_leaves_out_venv_git_and_data(
+    platform: Platform, submitted: dict[str, Any]
+) -> None:
+    """Ray packs the working dir minus .git, .venv and what .gitignore lists."""
+    temp_dir = Path(platform.state["services"]["ray_head"]["temp_dir"])
+    unpacked = [
+        p
+        for p in temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
+        if p.is_dir()
+    ]
+    assert len(unpacked) == 1, unpacked
+    package = unpacked[0]
+    names = {p.name for p in package.iterdir()}
+    assert {"jobs", "segplatform", "architectures", "pyproject.toml"} <= names
+    assert not names & {".venv", ".git", "mlruns", "data", ".segplatform", ".pytest_cache"}
+    size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+    assert size < 20 << 20, f"working dir upload is {size / 2**20:.1f} MiB"
+
+
+def test_checkpoint_is_on_the_platform_s3(platform: Platform, submitted: dict[str, Any]) -> None:
+    keys = platform.s3_keys(f"runs/{RUN_NAME}/")
+    final = [k for k in keys if f"/checkpoint_step{MAX_ITERS:08d}_" in k]
+    files = {k.split("/", 3)[3] for k in final}  # path inside the checkpoint directory
+    assert {"model/model.json", "model/model.safetensors", "train_state.pt"} <= files, keys
+
+
+def test_mlflow_has_the_finished_run_and_champion_version(
+    platform: Platform, submitted: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from segplatform.package import load_package
+
+    uri = platform.exports["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("segplatform")
+    assert experiment is not None
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`segplatform.run_key` = '{RUN_NAME}'"
+    )
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") == []
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")] == [2]
+    assert 0.0 <= run.data.metrics["val_miou"] <= 1.0
+    assert run.data.params["train.arch"] == "refinenet"
+    assert run.data.params["plan.world_size"] == "2"
+
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert version.run_id == run.info.run_id
+    assert version.tags["dataset"] == submitted["data"]
+    assert version.tags["manifest_version"] == "1"
+    assert version.tags["ray_run_name"] == RUN_NAME
+    assert "git_commit" in version.tags
+    assert version.tags["checkpoint"].startswith(f"{submitted['bucket']}/runs/{RUN_NAME}/")
+
+    # As a user with the printed settings would (download_artifacts' own tracking_uri and
+    # registry_uri arguments do not reach the models:/ alias lookup in MLflow 3.17).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path)
+    )
+    model, meta = load_package(local)
+    assert meta.architecture == "refinenet"
+    assert meta.classes == ("background", "grey matter", "white matter", "other brain")
+    assert meta.extra["run_name"] == RUN_NAME and meta.extra["step"] == MAX_ITERS
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 48))["out"]
+    assert out.shape == (1, 4, 64, 48)
+
+
+def _ports(state: dict[str, Any]) -> set[int]:
+    services = state["services"]
+    ports = {services["mlflow"]["port"], *services["ray_head"]["ports"].values()}
+    return ports | set(services["s3"]["ports"].values())
+
+
+def _leftovers(platform: Platform) -> list[str]:
+    """Processes whose command line or environment mention the platform."""
+    temp_dir = platform.state["services"]["ray_head"]["temp_dir"]
+    token_path = platform.exports["RAY_AUTH_TOKEN_PATH"]
+    instance = platform.state["instance_id"]
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid == os.getpid():
+            continue
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            mentions = str(platform.state_dir) in cmdline or temp_dir in cmdline
+            if not mentions:
+                environ = process.environ()
+                mentions = environ.get("RAY_AUTH_TOKEN_PATH") == token_path or instance in (
+                    environ.get("SEGPLATFORM_INSTANCE", "")
+                )
+        except (psutil.Error, OSError):
+            continue
+        if mentions:
+            found.append(f"{process.pid} {cmdline[:200]}")
+    return found
+
+
+def _open_ports(ports: set[int]) -> list[int]:
+    open_ports = []
+    for port in sorted(ports):
+        with socket.socket() as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                open_ports.append(port)
+    return open_ports
+
+
+def test_down_leaves_nothing(platform: Platform) -> None:
+    ports = _ports(platform.state)
+    assert _leftovers(platform), "the platform is not running"
+    down = _segplatform(["local", "down", "--state-dir", str(platform.state_dir)])
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert _leftovers(platform) == []
+    assert _open_ports(ports) == []
+    assert not (platform.state_dir / "state.json").exists()
