@@ -9,6 +9,7 @@
     mlflow/             mlflow.db (SQLite tracking + model registry), mlflow.log
     ray/                auth_token (mode 0600), ray.log, tmp/ (Ray's temp dir, when the path is
                         short enough for Ray's unix sockets; else a /tmp/segp-ray-* dir)
+    ray/nodes/NAME/     ray.log of worker node NAME (its temp dir: tmp/ or /tmp/segp-node-*)
 
 Services, in start order:
 
@@ -21,11 +22,17 @@ Services, in start order:
    variables, so jobs submitted with ``ray job submit`` reach the tracking server and S3 without
    further set-up.
 
+4. Ray worker nodes (``up --nodes N`` starts N - 1 of them; ``add_node`` / ``remove_node``, the
+   CLI's ``local node add|remove``, change them later): extra raylets on this machine
+   (``segplatform.services.ray_node``) that join ``ray_head.gcs_address`` with the head's token
+   and the same MLflow and S3 settings, recorded in ``state.json["services"]["ray_nodes"]``.
+   ``num_cpus`` is per node, and logical: two 1-CPU nodes fit a 2-core machine. Nodes are named
+   ``node-1``, ``node-2``, ... (never reused within one platform); the head is ``head``.
+
 A failure at any step stops what was already started. Data (runs, registered models, S3 objects)
 survives ``down`` and is served again by the next ``up``. Every process started for one ``up``
 carries a random instance id in its environment, which ``down`` uses to find stragglers; other
-users' and engineers' Ray clusters are never touched. Extra Ray nodes (a later ``--nodes N``) fit
-as records in ``state.json["services"]["ray_nodes"]`` that join ``ray_head.gcs_address``.
+users' and engineers' Ray clusters are never touched.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +60,13 @@ import psutil
 from segplatform.services.mlflow_server import MLflowServer
 from segplatform.services.ray_head import (
     RayHead,
+    RayHeadError,
     kill_processes,
     port_is_open,
     processes_marked,
     terminate_process_group,
 )
+from segplatform.services.ray_node import RayNodeError, RayWorkerNode
 
 # Environment variable naming the state directory when --state-dir is not given.
 HOME_ENV_VAR = "SEGPLATFORM_HOME"
@@ -119,6 +129,21 @@ class ServiceStatus:
     alive: bool  # the process runs
     healthy: bool  # the service answered its health check
     detail: str  # what the health check saw
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One Ray node of the local cluster as ``status`` reports it."""
+
+    name: str  # "head", a worker node's name ("node-1"), "node-1 (removed)", or "-" (other)
+    node_id: str | None  # Ray node id (hex); None before the node joined
+    state: str  # "ALIVE" or "DEAD" (the cluster's view), "NOT JOINED" or "UNKNOWN" (head down)
+    is_head: bool  # the head node (GCS, dashboard, job server)
+    cpus: float  # logical CPUs the node offers
+    gpus: float  # GPUs the node offers
+    pid: int | None  # the node's `ray start --block` process
+    process_alive: bool  # that process runs
+    detail: str  # the cluster's message about the node (e.g. why it died)
 
 
 class LocalPlatform:
@@ -196,15 +221,23 @@ class LocalPlatform:
         self,
         *,
         num_cpus: int | None = None,
+        nodes: int = 1,
         timeout: float = 180.0,
         log: Callable[[str], None] = lambda message: None,
     ) -> tuple[dict[str, Any], bool]:
         """Start the platform; returns ``(state, started)``, ``started`` False if already up.
 
-        Raises LocalPlatformError (after stopping whatever it started) when a service fails.
+        ``nodes`` Ray nodes in all: the head plus ``nodes - 1`` worker nodes joining it.
+        ``num_cpus`` is per node (logical CPUs; default: all CPUs for one node, else the CPU
+        count divided by ``nodes``, at least 1). Raises LocalPlatformError (after stopping
+        whatever it started) when a service fails.
         """
         if num_cpus is not None and num_cpus < 1:
             raise ValueError(f"num_cpus must be at least 1, got {num_cpus}")
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+            raise ValueError(f"nodes must be an int >= 1, got {nodes!r}")
+        if num_cpus is None and nodes > 1:
+            num_cpus = default_cpus_per_node(nodes)
         with self._locked():
             state = self.read_state()
             if state is not None:
@@ -212,10 +245,10 @@ class LocalPlatform:
                     return state, False
                 log("stale state from a platform that is no longer running: cleaning up")
                 self._stop_all(state, log)
-            return self._start(num_cpus=num_cpus, timeout=timeout, log=log), True
+            return self._start(num_cpus=num_cpus, nodes=nodes, timeout=timeout, log=log), True
 
     def _start(
-        self, *, num_cpus: int | None, timeout: float, log: Callable[[str], None]
+        self, *, num_cpus: int | None, nodes: int, timeout: float, log: Callable[[str], None]
     ) -> dict[str, Any]:
         from segplatform.services.seaweed import SeaweedServer
 
@@ -263,6 +296,20 @@ class LocalPlatform:
             head.wait_ready(max(1.0, deadline - time.monotonic()))
             log(f"Ray head         {head.dashboard_url}  ready in {time.monotonic() - begin:.1f} s")
 
+            begin = time.monotonic()
+            node_env = dict(head.extra_env)  # workers on every node reach MLflow and S3
+            workers = []
+            for index in range(1, nodes):
+                node = self._new_node(head.to_record(), instance_id, index, num_cpus, node_env)
+                started.append(lambda node=node: node.stop(force=True))
+                workers.append(node.launch())
+            for node in workers:
+                node.wait_joined(head.cluster_nodes, max(1.0, deadline - time.monotonic()))
+                log(
+                    f"Ray node         {node.name} ({node.node_id[:12]}) joined in "
+                    f"{time.monotonic() - begin:.1f} s"
+                )
+
             env = {
                 **head.env(),
                 "MLFLOW_TRACKING_URI": mlflow.tracking_uri,
@@ -286,8 +333,9 @@ class LocalPlatform:
                     },
                     "mlflow": mlflow.to_record(),
                     "ray_head": head.to_record(),
-                    "ray_nodes": [],
+                    "ray_nodes": [node.to_record() for node in workers],
                 },
+                "nodes_started": nodes - 1,
                 "env": env,
             }
             _write_private(self.env_path, format_exports(env) + "\n")
@@ -299,7 +347,7 @@ class LocalPlatform:
             for stop in reversed(started):
                 with contextlib.suppress(Exception):
                     stop()
-            kill_processes(self._stragglers(instance_id, head))
+            kill_processes(self._stragglers(instance_id, head, node_temp_dirs=[]))
             log(f"stopped in {time.monotonic() - begin:.1f} s")
             if isinstance(error, Exception) and not isinstance(error, LocalPlatformError):
                 raise LocalPlatformError(f"segplatform local up failed: {error}") from error
@@ -322,6 +370,22 @@ class LocalPlatform:
         head = RayHead.from_record(self.state_dir / "ray", services["ray_head"])
         head_alive = head.is_alive()
         head_healthy = head_alive and head.healthy()
+        node_statuses = []
+        if services.get("ray_nodes"):
+            by_name = {node.name: node for node in self._node_statuses(state, head)}
+            for record in services["ray_nodes"]:
+                node = by_name[record["name"]]
+                healthy = node.process_alive and node.state == "ALIVE"
+                node_statuses.append(
+                    ServiceStatus(
+                        f"ray_node:{node.name}",
+                        node.node_id or "-",
+                        node.pid,
+                        node.process_alive,
+                        healthy,
+                        f"{node.state} in the cluster, {node.cpus:g} CPU",
+                    )
+                )
         return [
             ServiceStatus(
                 "s3",
@@ -347,7 +411,165 @@ class LocalPlatform:
                 head_healthy,
                 "job server answers with the token" if head_healthy else "job server not ready",
             ),
+            *node_statuses,
         ]
+
+    # ------------------------------------------------------------------------------ nodes
+    def nodes(self) -> list[NodeStatus] | None:
+        """The Ray nodes: the head, the worker nodes this platform started, and any other node
+        that joined the cluster; None when the platform is not up."""
+        state = self.read_state()
+        if state is None:
+            return None
+        head = RayHead.from_record(self.state_dir / "ray", state["services"]["ray_head"])
+        return self._node_statuses(state, head)
+
+    def _node_statuses(self, state: dict[str, Any], head: RayHead) -> list[NodeStatus]:
+        try:
+            known = {node["node_id"]: node for node in head.cluster_nodes()}
+        except RayHeadError:
+            known = {}
+        head_ids = [node_id for node_id, node in known.items() if node.get("is_head_node")]
+        head_alive = head.is_alive()
+        statuses = [
+            _node_status(
+                "head",
+                head_ids[0] if head_ids else None,
+                known.get(head_ids[0]) if head_ids else None,
+                head.pid,
+                head_alive,
+                head_alive and bool(known),
+            )
+        ]
+        recorded = set(head_ids)
+        for record in state["services"].get("ray_nodes", []):
+            node = RayWorkerNode.from_record(record)
+            recorded.add(node.node_id)
+            statuses.append(
+                _node_status(
+                    node.name,
+                    node.node_id,
+                    known.get(node.node_id),
+                    node.pid,
+                    node.is_alive(),
+                    bool(known),
+                    fallback_cpus=node.num_cpus,
+                )
+            )
+        removed = {r["node_id"]: r["name"] for r in state.get("removed_nodes", []) if r["node_id"]}
+        for node_id, node in known.items():
+            # Removed nodes stay in the cluster's list (DEAD): shown while the cluster still
+            # counts them ALIVE (a killed node, until its missed health checks are noticed).
+            # Alive nodes that joined by other means are shown as "-".
+            if node_id not in recorded and node.get("state") == "ALIVE":
+                name = f"{removed[node_id]} (removed)" if node_id in removed else "-"
+                statuses.append(_node_status(name, node_id, node, None, False, True))
+        return statuses
+
+    def add_node(
+        self,
+        *,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        timeout: float = 120.0,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> dict[str, Any]:
+        """Start one more Ray worker node joining the running head; returns its record.
+
+        ``num_cpus`` defaults to the head's ``num_cpus`` (or all CPUs when the head has all).
+        The name is ``node-K`` with K one more than any node this platform started before.
+        """
+        if num_cpus is not None and num_cpus < 1:
+            raise ValueError(f"num_cpus must be at least 1, got {num_cpus}")
+        with self._locked():
+            state = self._running_state()
+            head_record = state["services"]["ray_head"]
+            head = RayHead.from_record(self.state_dir / "ray", head_record)
+            if not head.is_alive():
+                raise LocalPlatformError(
+                    f"the Ray head of {self.state_dir} is not running; run `segplatform local down`"
+                    " and `segplatform local up`"
+                )
+            index = int(state.get("nodes_started", len(state["services"]["ray_nodes"]))) + 1
+            node = self._new_node(
+                head_record,
+                state["instance_id"],
+                index,
+                num_cpus if num_cpus is not None else head_record.get("num_cpus"),
+                _client_service_env(state["env"]),
+                num_gpus=num_gpus,
+            )
+            begin = time.monotonic()
+            try:
+                node.launch().wait_joined(head.cluster_nodes, timeout)
+            except BaseException as error:
+                node.stop(force=True)
+                if isinstance(error, RayNodeError):
+                    raise LocalPlatformError(str(error)) from error
+                raise
+            log(f"Ray node {node.name} ({node.node_id}) joined in {time.monotonic() - begin:.1f} s")
+            record = node.to_record()
+            state["services"]["ray_nodes"].append(record)
+            state["nodes_started"] = index
+            _write_private(self.state_path, json.dumps(state, indent=2) + "\n")
+            return record
+
+    def remove_node(
+        self,
+        node: str,
+        *,
+        force: bool = False,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> dict[str, Any]:
+        """Stop worker node ``node`` (its name, or its node id or a prefix of 6+ characters)
+        and every process it started; returns its record. ``force`` kills it at once (a
+        crash, as a lost machine) instead of letting the raylet drain and leave."""
+        with self._locked():
+            state = self._running_state()
+            records = state["services"]["ray_nodes"]
+            record = _find_node(records, node, state["services"]["ray_head"])
+            begin = time.monotonic()
+            RayWorkerNode.from_record(record).stop(force=force)
+            how = "killed" if force else "stopped"
+            log(f"Ray node {record['name']} {how} in {time.monotonic() - begin:.1f} s")
+            state["services"]["ray_nodes"] = [r for r in records if r is not record]
+            state.setdefault("removed_nodes", []).append(
+                {"name": record["name"], "node_id": record.get("node_id")}
+            )
+            _write_private(self.state_path, json.dumps(state, indent=2) + "\n")
+            return record
+
+    def _running_state(self) -> dict[str, Any]:
+        state = self.read_state()
+        if state is None:
+            raise LocalPlatformError(
+                f"the local platform is not up in {self.state_dir}; run `segplatform local up`"
+            )
+        state["services"].setdefault("ray_nodes", [])
+        return state
+
+    def _new_node(
+        self,
+        head_record: dict[str, Any],
+        instance_id: str,
+        index: int,
+        num_cpus: int | None,
+        env: dict[str, str],
+        *,
+        num_gpus: int | None = None,
+    ) -> RayWorkerNode:
+        name = f"node-{index}"
+        return RayWorkerNode(
+            self.state_dir / "ray" / "nodes" / name,
+            name=name,
+            gcs_address=head_record["gcs_address"],
+            token_path=head_record["token_path"],
+            instance_id=instance_id,
+            host=head_record["host"],
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            env=env,
+        )
 
     # ------------------------------------------------------------------------------ down
     def down(self, log: Callable[[str], None] = lambda message: None) -> bool:
@@ -362,6 +584,12 @@ class LocalPlatform:
     def _stop_all(self, state: dict[str, Any], log: Callable[[str], None]) -> None:
         services = state["services"]
         head = RayHead.from_record(self.state_dir / "ray", services["ray_head"])
+        workers = [RayWorkerNode.from_record(record) for record in services.get("ray_nodes", [])]
+        if workers:
+            begin = time.monotonic()
+            with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+                list(pool.map(lambda node: node.stop(timeout=20.0), workers))
+            log(f"Ray worker nodes ({len(workers)}) stopped in {time.monotonic() - begin:.1f} s")
         begin = time.monotonic()
         head.stop()
         log(f"Ray head stopped in {time.monotonic() - begin:.1f} s")
@@ -373,7 +601,14 @@ class LocalPlatform:
             terminate_process_group(services["s3"]["pid"], timeout=15.0)
         log(f"S3 stopped in {time.monotonic() - begin:.1f} s")
         begin = time.monotonic()
-        kill_processes(self._stragglers(state["instance_id"], head, services["s3"]["data_dir"]))
+        kill_processes(
+            self._stragglers(
+                state["instance_id"],
+                head,
+                services["s3"]["data_dir"],
+                [str(node.temp_dir) for node in workers if node.temp_dir is not None],
+            )
+        )
         ports = _state_ports(state)
         deadline = time.monotonic() + 15.0
         while time.monotonic() < deadline and any(port_is_open("127.0.0.1", p) for p in ports):
@@ -390,12 +625,17 @@ class LocalPlatform:
             )
 
     def _stragglers(
-        self, instance_id: str, head: RayHead | None, s3_data_dir: str | None = None
+        self,
+        instance_id: str,
+        head: RayHead | None,
+        s3_data_dir: str | None = None,
+        node_temp_dirs: list[str] | None = None,
     ) -> list[psutil.Process]:
         """Processes of this instance still running, never this process or its ancestors."""
         paths = [
             f"sqlite:///{self.state_dir / 'mlflow' / 'mlflow.db'}",
             f"-dir={s3_data_dir or self.state_dir / 's3' / 'data'}",
+            *(f"{temp_dir}/session_" for temp_dir in node_temp_dirs or []),
         ]
         if head is not None and head.temp_dir is not None:
             paths.append(f"{head.temp_dir}/session_")
@@ -406,7 +646,75 @@ def _state_ports(state: dict[str, Any]) -> list[int]:
     services = state["services"]
     ports = [services["mlflow"]["port"], *services["ray_head"]["ports"].values()]
     ports += list(services["s3"]["ports"].values())
+    for record in services.get("ray_nodes", []):
+        ports += list(record["ports"].values())
     return [int(port) for port in ports]
+
+
+def default_cpus_per_node(nodes: int) -> int:
+    """Logical CPUs per node when ``--num-cpus`` is not given: the CPU count split over
+    ``nodes``, at least 1 (logical CPUs may exceed the physical ones)."""
+    return max(1, (os.cpu_count() or 1) // nodes)
+
+
+def _client_service_env(env: dict[str, str]) -> dict[str, str]:
+    """The service settings (MLflow, S3) among the client variables of ``state["env"]``."""
+    return {
+        key: value
+        for key, value in env.items()
+        if not key.startswith("RAY_") and key != HOME_ENV_VAR
+    }
+
+
+def _find_node(
+    records: list[dict[str, Any]], wanted: str, head_record: dict[str, Any]
+) -> dict[str, Any]:
+    """The record of worker node ``wanted`` (name, node id, or an id prefix of 6+ characters)."""
+    if wanted == "head":
+        raise LocalPlatformError(
+            "the head node cannot be removed (it holds the GCS and the job server); "
+            "use `segplatform local down`"
+        )
+    matches = [record for record in records if record["name"] == wanted]
+    if not matches and len(wanted) >= 6:
+        matches = [r for r in records if (r.get("node_id") or "").startswith(wanted.lower())]
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(f"{r['name']} ({(r.get('node_id') or '?')[:12]})" for r in records)
+    if len(matches) > 1:
+        raise LocalPlatformError(f"node {wanted!r} is ambiguous: it matches {len(matches)} nodes")
+    raise LocalPlatformError(
+        f"no worker node {wanted!r} in this platform; worker nodes: {names or 'none'} "
+        f"(head: {head_record.get('gcs_address')}, not removable)"
+    )
+
+
+def _node_status(
+    name: str,
+    node_id: str | None,
+    cluster_entry: dict[str, Any] | None,
+    pid: int | None,
+    process_alive: bool,
+    cluster_answered: bool,
+    *,
+    fallback_cpus: float | None = None,
+) -> NodeStatus:
+    resources = (cluster_entry or {}).get("resources_total") or {}
+    if cluster_entry is not None:
+        node_state = str(cluster_entry.get("state", "UNKNOWN"))
+    else:
+        node_state = "NOT JOINED" if cluster_answered else "UNKNOWN"
+    return NodeStatus(
+        name=name,
+        node_id=node_id,
+        state=node_state,
+        is_head=name == "head",
+        cpus=float(resources.get("CPU", fallback_cpus or 0.0)),
+        gpus=float(resources.get("GPU", 0.0)),
+        pid=pid,
+        process_alive=process_alive,
+        detail=str((cluster_entry or {}).get("state_message") or ""),
+    )
 
 
 def _group_leader_alive(pid: int | None) -> bool:

@@ -1,8 +1,9 @@
-"""``segplatform local up|status|down|env``: the local platform on 127.0.0.1.
+"""``segplatform local up|status|down|env|node``: the local platform on 127.0.0.1.
 
-A Ray head (dashboard and job server, token authentication), an MLflow tracking server (SQLite,
-artifacts on the local S3 bucket) and an S3 server (SeaweedFS, generated credentials), all state in
-one directory. See ``segplatform.local``.
+A Ray head (dashboard and job server, token authentication), optionally more Ray nodes joining it
+(``up --nodes N``, ``node add``, ``node remove``), an MLflow tracking server (SQLite, artifacts on
+the local S3 bucket) and an S3 server (SeaweedFS, generated credentials), all state in one
+directory. See ``segplatform.local``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ _EXAMPLE_UP = (
     '  eval "$(segplatform local env)"\n'
     "  ray job submit --working-dir . -- python jobs/train_unet.py --data s3://segplatform/mni\n"
     "  segplatform local down\n"
+    "\n"
+    "A two-node cluster (head + node-1, 1 logical CPU each):\n"
+    "  segplatform local up --nodes 2 --num-cpus 1\n"
+    "  segplatform local status\n"
+)
+_EXAMPLE_NODE = (
+    "Example:\n"
+    "  segplatform local node add --num-cpus 1\n"
+    "  segplatform local node remove node-1          # orderly: the raylet drains and leaves\n"
+    "  segplatform local node remove node-2 --force  # a crash, as a lost machine\n"
 )
 
 
@@ -25,7 +36,9 @@ def _up(args: argparse.Namespace) -> int:
 
     platform = LocalPlatform(args.state_dir)
     try:
-        state, started = platform.up(num_cpus=args.num_cpus, timeout=args.timeout, log=print_lines)
+        state, started = platform.up(
+            num_cpus=args.num_cpus, nodes=args.nodes, timeout=args.timeout, log=print_lines
+        )
     except LocalPlatformError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -35,13 +48,25 @@ def _up(args: argparse.Namespace) -> int:
             print_lines(f"the local platform is already up in {platform.state_dir}")
         print(exports)
         return 0
+    services = state["services"]
+    workers = services.get("ray_nodes", [])
     if not started:
         print(f"The local platform is already up in {platform.state_dir}.")
-    services = state["services"]
+        if len(workers) + 1 != args.nodes:
+            print(
+                f"It has {len(workers) + 1} Ray node(s), not {args.nodes}: use "
+                "`segplatform local node add|remove`, or `local down` and `local up` again."
+            )
+    node_lines = "".join(
+        f"Ray node        {record['name']}  {record.get('node_id') or '?'}  "
+        f"{record.get('num_cpus') or 'all'} CPU\n"
+        for record in workers
+    )
     print(
         f"state dir       {platform.state_dir}\n"
         f"Ray dashboard   {services['ray_head']['dashboard_url']}  (jobs: ray job submit)\n"
         f"Ray GCS         {services['ray_head']['gcs_address']}\n"
+        f"{node_lines}"
         f"MLflow          {services['mlflow']['tracking_uri']}\n"
         f"S3              {services['s3']['endpoint_url']}  bucket s3://{services['s3']['bucket']}\n"
         f'\nSet these in your shell (or run: eval "$(segplatform local env'
@@ -60,6 +85,7 @@ def _status(args: argparse.Namespace) -> int:
     platform = LocalPlatform(args.state_dir)
     try:
         statuses = platform.status()
+        nodes = platform.nodes() if statuses is not None else None
     except LocalPlatformError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -78,6 +104,7 @@ def _status(args: argparse.Namespace) -> int:
                     "up": True,
                     "healthy": healthy,
                     "services": [status.__dict__ for status in statuses],
+                    "nodes": [node.__dict__ for node in nodes or []],
                 },
                 indent=2,
             )
@@ -86,7 +113,14 @@ def _status(args: argparse.Namespace) -> int:
         for status in statuses:
             state = "OK" if status.healthy else ("UNHEALTHY" if status.alive else "DOWN")
             where = f"{status.address:<28} pid {status.pid}"
-            print(f"{status.name:<9} {state:<9} {where}  {status.detail}")
+            print(f"{status.name:<16} {state:<9} {where}  {status.detail}")
+        print(f"\n{'node':<16} {'state':<10} {'node id':<56} {'CPU':>4} {'GPU':>4}  pid")
+        for node in nodes or []:
+            print(
+                f"{node.name:<16} {node.state:<10} {node.node_id or '-':<56} {node.cpus:>4g} "
+                f"{node.gpus:>4g}  {node.pid or '-'}"
+                + (f"  ({node.detail})" if node.detail and node.state != "ALIVE" else "")
+            )
     return 0 if healthy else 1
 
 
@@ -103,6 +137,34 @@ def _down(args: argparse.Namespace) -> int:
         print(f"the local platform in {platform.state_dir} is stopped")
     else:
         print(f"the local platform is not up in {platform.state_dir}")
+    return 0
+
+
+def _node_add(args: argparse.Namespace) -> int:
+    from segplatform.local import LocalPlatform, LocalPlatformError, print_lines
+
+    try:
+        record = LocalPlatform(args.state_dir).add_node(
+            num_cpus=args.num_cpus, num_gpus=args.num_gpus, timeout=args.timeout, log=print_lines
+        )
+    except LocalPlatformError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{record['name']} {record['node_id']}")
+    return 0
+
+
+def _node_remove(args: argparse.Namespace) -> int:
+    from segplatform.local import LocalPlatform, LocalPlatformError, print_lines
+
+    try:
+        record = LocalPlatform(args.state_dir).remove_node(
+            args.node, force=args.force, log=print_lines
+        )
+    except LocalPlatformError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{record['name']} {record.get('node_id') or '-'} removed")
     return 0
 
 
@@ -147,7 +209,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EXAMPLE_UP,
     )
     add_state_dir(up)
-    up.add_argument("--num-cpus", type=_positive_int, help="CPUs the Ray head offers (all)")
+    up.add_argument(
+        "--nodes",
+        type=_positive_int,
+        default=1,
+        help="Ray nodes in all: the head plus NODES-1 worker nodes joining it on this machine",
+    )
+    up.add_argument(
+        "--num-cpus",
+        type=_positive_int,
+        help="logical CPUs per Ray node (default: all for one node, else CPUs/NODES, at least 1)",
+    )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for services")
     up.add_argument(
         "--print-env",
@@ -174,6 +246,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_state_dir(down)
     down.set_defaults(func=_down)
+
+    node = commands.add_parser(
+        "node",
+        help="add or remove a Ray worker node of the running platform",
+        formatter_class=HelpFormatter,
+        epilog=_EXAMPLE_NODE,
+    )
+    node_commands = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    add = node_commands.add_parser(
+        "add",
+        help="start one more Ray node that joins the head (prints its name and node id)",
+        formatter_class=HelpFormatter,
+        epilog=_EXAMPLE_NODE,
+    )
+    add_state_dir(add)
+    add.add_argument(
+        "--num-cpus", type=_positive_int, help="logical CPUs of the node (default: the head's)"
+    )
+    add.add_argument("--num-gpus", type=int, help="GPUs of the node (default: detected)")
+    add.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the join")
+    add.set_defaults(func=_node_add)
+    remove = node_commands.add_parser(
+        "remove",
+        help="stop a Ray worker node and every process it started",
+        formatter_class=HelpFormatter,
+        epilog=_EXAMPLE_NODE,
+    )
+    add_state_dir(remove)
+    remove.add_argument("node", metavar="NODE", help="node name (node-1) or node id (prefix)")
+    remove.add_argument(
+        "--force",
+        action="store_true",
+        help="kill the node at once (a crash) instead of letting it drain and leave",
+    )
+    remove.set_defaults(func=_node_remove)
 
     env = commands.add_parser(
         "env",

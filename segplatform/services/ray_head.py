@@ -22,6 +22,7 @@ protects it. The venv's ``bin`` goes first on the head's PATH so that a job's ``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -235,6 +236,9 @@ class RayHead:
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Workers inherit it: Ray code that looks its cluster up (e.g. Ray Train's placement
+        # group cleaner) would otherwise find every cluster on the machine and give up.
+        env["RAY_ADDRESS"] = f"{self.host}:{self.ports['gcs']}"
         env[INSTANCE_ENV_VAR] = self.marker
         return env
 
@@ -298,6 +302,29 @@ class RayHead:
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
+    def cluster_nodes(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Every node the cluster knows (alive and dead), from the dashboard's state API.
+
+        Each dict has ``node_id``, ``state`` ("ALIVE" or "DEAD"), ``is_head_node``,
+        ``resources_total`` (e.g. ``{"CPU": 2.0, ...}``), ``node_ip`` and ``state_message``.
+        RayHeadError when the dashboard does not answer.
+        """
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/nodes?limit=10000&detail=true",
+            headers={"Authorization": f"Bearer {self.token()}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                reply = json.load(response)
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise RayHeadError(f"{self.dashboard_url}: node list not available ({error})") from None
+        try:
+            return list(reply["data"]["result"]["result"])
+        except (KeyError, TypeError):
+            raise RayHeadError(
+                f"{self.dashboard_url}: unexpected node list {str(reply)[:200]}"
+            ) from None
+
     def is_alive(self) -> bool:
         """Whether the ``ray start --block`` process runs."""
         if self._process is not None:
@@ -358,6 +385,7 @@ class RayHead:
             "pid": self.pid,
             "instance_id": self.instance_id,
             "host": self.host,
+            "num_cpus": self.num_cpus,
             "ports": dict(self.ports),
             "temp_dir": str(self.temp_dir) if self.temp_dir is not None else None,
             "token_path": str(self.token_path),
@@ -369,7 +397,12 @@ class RayHead:
     @classmethod
     def from_record(cls, state_dir: str | os.PathLike[str], record: dict[str, Any]) -> RayHead:
         """A handle on a head started by another process (``segplatform local down``)."""
-        head = cls(state_dir, host=record["host"], instance_id=record["instance_id"])
+        head = cls(
+            state_dir,
+            host=record["host"],
+            instance_id=record["instance_id"],
+            num_cpus=record.get("num_cpus"),
+        )
         head.ports = {name: int(port) for name, port in record["ports"].items()}
         head.pid = record.get("pid")
         head.temp_dir = Path(record["temp_dir"]) if record.get("temp_dir") else None
