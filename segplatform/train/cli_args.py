@@ -115,6 +115,16 @@ def _json_value(text: str) -> Any:
         return text
 
 
+def _resource_dict(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object such as {"memory": 8e9}')
+    return value
+
+
 def _key_values(pairs: Sequence[str] | None, option: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs or []:
@@ -227,10 +237,31 @@ OPTIONS: tuple[tuple[str, tuple[_Option, ...]], ...] = (
                 "CPUs per worker (default 0.5 on CPU, 4 with a GPU)",
             ),
             (
-                ("--placement-strategy",),
+                ("--placement", "--placement-strategy"),
                 "placement_strategy",
                 {"choices": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")},
-                "worker placement",
+                "worker placement: PACK (few nodes), SPREAD, STRICT_SPREAD (one worker per "
+                "node), STRICT_PACK (one node)",
+            ),
+            (
+                ("--worker-resources",),
+                "worker_resources",
+                {"type": _resource_dict, "metavar": "JSON"},
+                "extra Ray resources per worker, e.g. '{\"memory\": 8e9}'",
+            ),
+            (
+                ("--check-cluster",),
+                "check_cluster",
+                {"action": argparse.BooleanOptionalAction},
+                "refuse at once a placement the alive nodes cannot hold (off: autoscaling "
+                "clusters whose nodes join later)",
+            ),
+            (
+                ("--shared-local-storage",),
+                "shared_local_storage",
+                {"action": argparse.BooleanOptionalAction},
+                "local --storage/--data paths are mounted on every node (NFS); otherwise refused "
+                "on a multi-node cluster",
             ),
             (("--ray-address",), "ray_address", {}, "Ray cluster (default: RAY_ADDRESS or local)"),
             (
@@ -397,9 +428,15 @@ def _config_from_args(
 
 def run_from_args(config: TrainConfig) -> int:
     """Train ``config`` and print where the results are; the exit status."""
+    from segplatform.train.placement import ClusterFitError, SharedStorageError
     from segplatform.train.run import best_checkpoint, run, storage_for
 
-    result = run(config)
+    try:
+        result = run(config)
+    except (ClusterFitError, SharedStorageError) as err:
+        # Refused before anything started: a message, not a traceback.
+        print(f"error: run {config.name} refused: {err}", file=sys.stderr)
+        return 2
     best, _ = best_checkpoint(result)
     metrics = result.metrics or {}
     _, _, run_uri = storage_for(config)

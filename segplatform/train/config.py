@@ -10,6 +10,10 @@ starts (the dataset's row count is read from its manifest).
 datasets (debugging, quick checks). Checkpoints are still written under ``storage_path/name``, but
 nothing restarts or resumes the run and ``keep_checkpoints`` does not prune.
 
+Placement: ``placement_strategy`` and the resources per worker (``worker_bundle()``) are checked
+against the cluster's alive nodes before the run starts, and node-local ``storage_path`` /
+``data`` are refused on a multi-node cluster (``segplatform.train.placement``).
+
 A checkpoint is only taken where an evaluation also runs (``checkpoint_every`` is a multiple of
 ``eval_every``), so every checkpoint carries the ``val_miou`` that keeps the best ``k``.
 
@@ -92,7 +96,10 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers; 0 = Ray Train local mode (the loop in this process)
     use_gpu: bool = False  # one GPU per worker, NCCL, SyncBatchNorm when num_workers > 1
     cpus_per_worker: float | None = None  # None: 0.5 on CPU (Ray Data keeps CPU), 4 with a GPU
-    placement_strategy: str = "PACK"  # Ray placement group strategy of the worker group
+    placement_strategy: str = "PACK"  # PACK, SPREAD, STRICT_SPREAD (one per node), STRICT_PACK
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources/worker
+    check_cluster: bool = True  # refuse at once a request the alive nodes cannot hold
+    shared_local_storage: bool = False  # local paths are mounted on every node (NFS): allowed
     ray_address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS or a local cluster
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
     storage_retries: int = 3  # resumes after the checkpoint storage was unreachable (driver side)
@@ -129,6 +136,10 @@ class TrainConfig:
             set_(self, "crop_size", (self.crop_size, self.crop_size))
         set_(self, "arch_params", dict(self.arch_params or {}))
         set_(self, "eval_recipe", dict(self.eval_recipe or {}))
+        if isinstance(self.worker_resources, dict):
+            set_(self, "worker_resources", dict(self.worker_resources))
+        elif self.worker_resources is None:
+            set_(self, "worker_resources", {})
         if not self.name:
             set_(self, "name", default_run_name(self.arch))
         self._validate()
@@ -236,6 +247,17 @@ class TrainConfig:
             fail("cpus_per_worker", "must be > 0 or None")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             fail("placement_strategy", f"must be one of {PLACEMENT_STRATEGIES}")
+        if not isinstance(self.worker_resources, dict) or any(
+            not isinstance(k, str)
+            or not k
+            or isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not v > 0
+            for k, v in self.worker_resources.items()
+        ):
+            fail("worker_resources", "must map Ray resource names to amounts > 0")
+        if {"CPU", "GPU"} & set(self.worker_resources):
+            fail("worker_resources", "CPU and GPU come from cpus_per_worker and use_gpu")
         positive_int("max_failures", minimum=0)
         positive_int("storage_retries", minimum=0)
         # storage, evaluation, checkpoints
@@ -313,6 +335,14 @@ class TrainConfig:
         if self.cpus_per_worker is not None:
             return float(self.cpus_per_worker)
         return 4.0 if self.use_gpu else 0.5
+
+    def worker_bundle(self) -> dict[str, float]:
+        """Ray resources of one worker: CPUs, one GPU with ``use_gpu``, ``worker_resources``."""
+        bundle = {"CPU": self.resolved_cpus_per_worker()}
+        if self.use_gpu:
+            bundle["GPU"] = 1.0
+        bundle.update({name: float(amount) for name, amount in self.worker_resources.items()})
+        return bundle
 
     # ---- serialization -------------------------------------------------------------------------
 

@@ -21,6 +21,13 @@ Resume: ``ray.train.get_checkpoint()`` (a restarted worker group or a resubmitte
 same name) restores weights and ``train_state.pt``; the step counter, learning-rate schedule and
 data epoch continue (a partly consumed epoch is not replayed: training goes on with the next one).
 
+Placement: every worker records its rank, local rank, node id, node IP and pid; rank 0 logs them at
+the start of every attempt (MLflow tag ``placement``, one line such as ``2 workers on 2 nodes:
+rank 0 -> 3f2a9c01d4e5/0, ...``, tag ``placement_strategy``, and the table artifact
+``placement/attempt<N>.json``), and every report carries ``worker_node_ids``, ``worker_ranks``,
+``worker_local_ranks`` and ``num_nodes``. At the last step every rank's parameter checksum is
+gathered: ``param_checksums`` in the final metrics, ``param_checksum_rank<r>`` in MLflow.
+
 Fault injection (tests only): ``fail_at_step`` makes rank ``fail_rank`` call ``os._exit(1)`` when
 it reaches that iteration, once per run: a marker file in the run's storage directory says that
 the fault already happened.
@@ -471,10 +478,17 @@ class _Trainer:
             ohem_min_kept=cfg.ohem_min_kept,
             dice_weight=cfg.dice_weight,
         )
-        self.workers = all_gather_object(
-            {"rank": self.rank, "local_rank": self.local_rank, "node_id": self.node_id}
+        self.workers = all_gather_object(  # where every worker of this attempt runs
+            {
+                "rank": self.rank,
+                "local_rank": self.local_rank,
+                "node_id": self.node_id,
+                "node_ip": ray.util.get_node_ip_address(),  # [ray]
+                "pid": os.getpid(),
+            }
         )
         self.tracker = self._make_tracker()
+        self._log_placement()
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -558,6 +572,21 @@ class _Trainer:
             )
             tracker.log_params(params)
         return tracker
+
+    def _log_placement(self) -> None:
+        """Rank 0: where this attempt's workers run (printed, MLflow tags and table)."""
+        from segplatform.train.placement import placement_summary, placement_table
+
+        if self.rank != 0:
+            return
+        summary = placement_summary(self.workers)
+        print(f"{self.cfg.name} attempt {self.attempt}: {summary}", flush=True)
+        self.tracker.set_tags(
+            {"placement": summary, "placement_strategy": self.cfg.placement_strategy}
+        )
+        self.tracker.log_table(
+            placement_table(self.workers), f"attempt{self.attempt}.json", artifact_path="placement"
+        )
 
     def _log_evaluation(
         self, result: dict[str, Any], matrix: Tensor, overlays: list[tuple[int, np.ndarray]]
@@ -802,6 +831,7 @@ class _Trainer:
             "worker_ranks": [w["rank"] for w in self.workers],
             "worker_local_ranks": [w["local_rank"] for w in self.workers],
             "worker_node_ids": [w["node_id"] for w in self.workers],
+            "num_nodes": len({w["node_id"] for w in self.workers}),
         }
 
     def _evaluate_and_report(self, metrics: dict[str, Any]) -> None:
@@ -827,6 +857,8 @@ class _Trainer:
             checksums = all_gather_object(parameter_checksum(self.bare))
             metrics["param_checksums"] = checksums
             metrics["param_checksum"] = checksums[self.rank]
+            # One number per rank, so that MLflow (numbers only) keeps them all.
+            metrics.update({f"param_checksum_rank{r}": value for r, value in enumerate(checksums)})
         self.tracker.log_metrics(metrics, step=self.step)
         if self.rank == 0:
             self._log_evaluation(result, matrix, overlays)

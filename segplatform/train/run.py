@@ -1,6 +1,8 @@
 """``run(config)``: one distributed training run on Ray Train, from the driver's side.
 
-1. Join a Ray cluster (``config.ray_address`` or ``RAY_ADDRESS``), or start a local one.
+1. Join a Ray cluster (``config.ray_address`` or ``RAY_ADDRESS``), or start a local one, and
+   check the request against its alive nodes before anything starts (``check_placement``): a
+   placement the nodes cannot hold, or node-local storage on a multi-node cluster, fails at once.
 2. Read the dataset manifest and resolve the *plan*: iterations per epoch, ``max_iters``,
    evaluation and checkpoint periods, class weights (median frequency is counted over the train
    split with Ray Data), the fixed validation samples drawn as overlays, the MLflow URI.
@@ -27,7 +29,15 @@ from segplatform.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["best_checkpoint", "build_plan", "ensure_ray", "register_best", "run", "storage_for"]
+__all__ = [
+    "best_checkpoint",
+    "build_plan",
+    "check_placement",
+    "ensure_ray",
+    "register_best",
+    "run",
+    "storage_for",
+]
 
 
 def ensure_ray(config: TrainConfig) -> None:
@@ -43,6 +53,35 @@ def ensure_ray(config: TrainConfig) -> None:
     # Embedded default: a local cluster with enough logical CPUs for the workers and Ray Data.
     needed = math.ceil(max(config.num_workers, 1) * config.resolved_cpus_per_worker()) + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def check_placement(config: TrainConfig) -> str:
+    """Refuse, before anything starts, a run the connected cluster cannot hold or serve.
+
+    Raises ``ClusterFitError`` (placement or resources per worker beyond the alive nodes; skipped
+    with ``check_cluster=False`` or on an autoscaling cluster) or ``SharedStorageError`` (a
+    node-local ``storage_path``, ``data`` or pretrained backbone on more than one node). Returns
+    one line describing the request and the cluster.
+    """
+    import ray
+
+    from segplatform.train.placement import autoscaling_node_groups, preflight
+
+    locations: dict[str, str | None] = {"storage_path": config.storage_path, "data": config.data}
+    pretrained = config.arch_params.get("pretrained_backbone")
+    if isinstance(pretrained, str):
+        locations["arch_params.pretrained_backbone"] = pretrained
+    return preflight(
+        bundle=config.worker_bundle(),
+        num_workers=max(config.num_workers, 1),
+        strategy=config.placement_strategy,
+        locations=locations,
+        nodes=ray.nodes(),
+        node_groups=autoscaling_node_groups(),
+        # Local mode (num_workers=0) places no worker group.
+        check_fit=config.check_cluster and config.num_workers > 0,
+        shared_local_storage=config.shared_local_storage,
+    )
 
 
 def storage_for(config: TrainConfig) -> tuple[str, Any, str]:
@@ -307,11 +346,10 @@ def run(config: TrainConfig) -> Any:
 
     from segplatform.train.loop import train_loop_per_worker
 
+    logger.info("placement check passed: %s", check_placement(config))
     plan = build_plan(config)
     storage_path, storage_filesystem, run_uri = storage_for(config)
-    resources: dict[str, float] | None = {"CPU": config.resolved_cpus_per_worker()}
-    if config.use_gpu:
-        resources["GPU"] = 1
+    resources: dict[str, float] | None = config.worker_bundle()
     if config.num_workers == 0:
         resources = None  # local mode: nothing to reserve
     datasets = {

@@ -1,0 +1,427 @@
+"""Acceptance: training across a two-node Ray cluster on 127.0.0.1 (token auth on), with data,
+checkpoints and MLflow artifacts on the platform's S3 server, jobs sent with ``ray job submit``.
+
+One platform (``segplatform local up --nodes 2 --num-cpus 1``) serves the module; the tests run
+in file order: a spread run, the fail-fast refusals, the node-loss run (which replaces node-1 by
+node-2), and finally ``local down`` must leave no Ray process behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+BUCKET = "segplatform"
+
+pytestmark = pytest.mark.slow
+
+
+# ---- helpers (small copies of tests/platform/conftest.py's, kept local to this folder) ---------
+
+
+def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``segplatform ARGS`` without our RAY_/AWS_/MLFLOW_/SEGPLATFORM_ variables."""
+    foreign = ("RAY_", "AWS_", "MLFLOW_", "SEGPLATFORM_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
+    return subprocess.run(
+        [str(VENV_BIN / "segplatform"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@dataclass
+class Platform:
+    """The two-node platform of this module."""
+
+    state_dir: Path
+    home: Path  # an empty HOME for clients (no ~/.ray/auth_token)
+    prefix: str  # s3://segplatform/<prefix>/... holds this module's data and runs
+
+    def state(self) -> dict:
+        return json.loads((self.state_dir / "state.json").read_text())
+
+    @property
+    def exports(self) -> dict[str, str]:
+        return dict(self.state()["env"])
+
+    def client_env(self) -> dict[str, str]:
+        """Only what ``segplatform local up`` printed (plus PATH, HOME, locale)."""
+        env = {
+            "PATH": f"{VENV_BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.home),
+            "LANG": "C.UTF-8",
+        }
+        env.update({k: v for k, v in self.exports.items() if k != "SEGPLATFORM_HOME"})
+        return env
+
+    def storage_options(self) -> dict[str, str]:
+        exports = self.exports
+        return {
+            "endpoint_url": exports["AWS_ENDPOINT_URL"],
+            "key": exports["AWS_ACCESS_KEY_ID"],
+            "secret": exports["AWS_SECRET_ACCESS_KEY"],
+            "region": exports["AWS_DEFAULT_REGION"],
+        }
+
+    def s3(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        exports = self.exports
+        return boto3.client(
+            "s3",
+            endpoint_url=exports["AWS_ENDPOINT_URL"],
+            aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"],
+            region_name=exports["AWS_DEFAULT_REGION"],
+            config=Config(s3={"addressing_style": "path"}),
+        )
+
+    def objects(self, key_prefix: str) -> dict[str, str]:
+        """Key -> ETag of every object under ``key_prefix``."""
+        pages = (
+            self.s3().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=key_prefix)
+        )
+        return {item["Key"]: item["ETag"] for page in pages for item in page.get("Contents", [])}
+
+    def mlflow(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.exports["MLFLOW_TRACKING_URI"])
+
+    def alive_node_ids(self) -> dict[str, str]:
+        """Node name -> node id of the nodes the cluster counts ALIVE."""
+        result = run_cli(["local", "status", "--state-dir", str(self.state_dir), "--json"])
+        report = json.loads(result.stdout)
+        return {n["name"]: n["node_id"] for n in report["nodes"] if n["state"] == "ALIVE"}
+
+    def ray(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "ray"), *args],
+            env=self.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+        )
+
+
+def write_dataset(uri: str, storage_options: dict[str, str]) -> None:
+    """8 train and 2 val images (48 × 48 RGB, 3 classes) with blocky masks."""
+    from PIL import Image
+
+    from segplatform.data.format import DatasetInfo, DatasetWriter, Sample, default_palette
+
+    info = DatasetInfo("tiny-multinode", ("a", "b", "c"), default_palette(3))
+    with DatasetWriter(uri, info, storage_options=storage_options) as writer:
+        for index in range(10):
+            rng = np.random.default_rng(index)
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buffer, "PNG")
+            blocks = rng.integers(0, 3, (6, 6))
+            mask = np.kron(blocks, np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
+            split = "train" if index < 8 else "val"
+            writer.add(split, Sample(f"s{index}", buffer.getvalue(), mask, source=f"#{index}"))
+
+
+def train_command(platform: Platform, name: str, *extra: str) -> list[str]:
+    return [
+        "python",
+        "jobs/train_unet.py",
+        "--tiny",
+        "--data",
+        f"s3://{BUCKET}/{platform.prefix}/data",
+        "--storage",
+        f"s3://{BUCKET}/{platform.prefix}/runs",
+        "--name",
+        name,
+        "--experiment",
+        "multinode",
+        "--workers",
+        "2",
+        "--placement",
+        "STRICT_SPREAD",
+        *extra,
+    ]
+
+
+def submit(
+    platform: Platform,
+    command: list[str],
+    *,
+    wait: bool = True,
+    timeout: float = 420,
+    submission_id: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    args = ["job", "submit", "--working-dir", str(REPO)]
+    if not wait:
+        args.append("--no-wait")
+    if submission_id:
+        args += ["--submission-id", submission_id]
+    return platform.ray([*args, "--", *command], timeout=timeout)
+
+
+def job_status(platform: Platform, job_id: str) -> str:
+    """The job's status from the job server's REST API (with the platform's token)."""
+    exports = platform.exports
+    token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(
+        f"{exports['RAY_ADDRESS']}/api/jobs/{job_id}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return str(json.load(reply)["status"])
+
+
+def mlflow_run(platform: Platform, name: str) -> Any:
+    client = platform.mlflow()
+    experiment = client.get_experiment_by_name("multinode")
+    assert experiment is not None, "the experiment 'multinode' was not created"
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'"
+    )
+    assert len(runs) == 1, [run.info.run_name for run in runs]
+    return runs[0]
+
+
+def placement_tables(platform: Platform, run_id: str) -> dict[int, dict[str, tuple]]:
+    """attempt -> the placement table (column -> values) rank 0 logged for that attempt."""
+    import mlflow.artifacts
+
+    tables = {}
+    for item in platform.mlflow().list_artifacts(run_id, "placement"):
+        attempt = int(re.search(r"attempt(\d+)\.json$", item.path).group(1))
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path=item.path,
+            tracking_uri=platform.exports["MLFLOW_TRACKING_URI"],
+        )
+        data = json.loads(Path(local).read_text())
+        tables[attempt] = dict(zip(data["columns"], zip(*data["data"])))
+    return tables
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, message: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(message)
+
+
+def marked_processes(instance_id: str) -> list[str]:
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if process.environ().get("SEGPLATFORM_INSTANCE", "").startswith(f"{instance_id}/"):
+                found.append(f"{process.pid} {' '.join(process.cmdline())[:160]}")
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    base = tmp_path_factory.mktemp("multinode-train")
+    state_dir = base / "state"
+    home = base / "home"
+    home.mkdir()
+    command = ["local", "up", "--state-dir", str(state_dir), "--nodes", "2", "--num-cpus", "1"]
+    result = run_cli([*command, "--timeout", "400"], timeout=450)
+    try:
+        assert result.returncode == 0, f"local up failed:\n{result.stdout}\n{result.stderr}"
+        running = Platform(state_dir, home, f"multinode-{uuid.uuid4().hex[:8]}")
+        write_dataset(f"s3://{BUCKET}/{running.prefix}/data", running.storage_options())
+        yield running
+    finally:
+        run_cli(["local", "down", "--state-dir", str(state_dir)])  # a no-op after `down`
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+
+def test_spread_run_uses_both_nodes_and_ends_with_identical_parameters(
+    platform: Platform,
+) -> None:
+    name = "spread-" + uuid.uuid4().hex[:6]
+    result = submit(platform, train_command(platform, name, "--max-iters", "2"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-4000:]
+    nodes = platform.alive_node_ids()
+    assert set(nodes) == {"head", "node-1"}
+    run = mlflow_run(platform, name)
+    # Rank 0 logged where every worker ran: two distinct nodes, the cluster's two.
+    tables = placement_tables(platform, run.info.run_id)
+    assert set(tables) == {1}
+    assert tables[1]["rank"] == (0, 1)
+    # Ray Train numbers local ranks per node IP, and both raylets here share one IP.
+    assert sorted(tables[1]["local_rank"]) == [0, 1]
+    assert set(tables[1]["node_id"]) == set(nodes.values())
+    assert run.data.tags["placement_strategy"] == "STRICT_SPREAD"
+    assert run.data.tags["placement"].startswith("2 workers on 2 nodes: rank 0 -> ")
+    assert run.data.metrics["num_nodes"] == 2
+    # Each rank's parameter checksum after the last step: the replicas agree.
+    checksums = [run.data.metrics[f"param_checksum_rank{rank}"] for rank in (0, 1)]
+    assert checksums[0] == checksums[1] != 0.0
+    assert run.data.metrics["step"] == 2
+
+
+def test_spread_larger_than_the_cluster_fails_fast(platform: Platform) -> None:
+    name = "toobig-" + uuid.uuid4().hex[:6]
+    # Ray alone would wait for ever for a third node: the job must end (the submit's timeout
+    # raises otherwise) and say why.
+    result = submit(platform, [*train_command(platform, name), "--workers", "3"], timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "FAILED" in output.upper(), output[-4000:]
+    assert "STRICT_SPREAD puts every worker on its own node" in output, output[-4000:]
+    assert "only 2 of the 2 alive node(s)" in output
+    assert platform.objects(f"{platform.prefix}/runs/{name}") == {}  # nothing started
+
+
+def test_local_storage_on_a_multi_node_cluster_fails_fast(
+    platform: Platform, tmp_path: Path
+) -> None:
+    name = "local-" + uuid.uuid4().hex[:6]
+    command = train_command(platform, name)
+    command[command.index("--storage") + 1] = str(tmp_path / "runs")
+    result = submit(platform, command, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "TrainConfig.storage_path: the cluster has 2 nodes" in output, output[-4000:]
+    assert "shared storage such as s3://" in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_node_loss_resumes_from_the_last_checkpoint_on_s3(platform: Platform) -> None:
+    name = "nodeloss-" + uuid.uuid4().hex[:6]
+    run_prefix = f"{platform.prefix}/runs/{name}/"
+    lost_node = platform.alive_node_ids()["node-1"]
+    command = train_command(
+        platform,
+        name,
+        "--max-iters",
+        "8",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "20",
+        "--max-failures",
+        "3",
+    )
+    job_id = f"{name}-job"
+    submitted = submit(platform, command, wait=False, submission_id=job_id)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    s3 = platform.s3()
+
+    def registered_checkpoint() -> bool:
+        """Ray Train wrote its snapshot naming at least one registered checkpoint."""
+        key = f"{run_prefix}checkpoint_manager_snapshot.json"
+        try:
+            text = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+        except s3.exceptions.NoSuchKey:
+            return False
+        return "checkpoint_step" in text
+
+    wait_for(registered_checkpoint, 300, f"no checkpoint of {name} was registered on S3")
+    assert job_status(platform, job_id) == "RUNNING"
+    before = platform.objects(run_prefix)
+    checkpoints_before = {k for k in before if k.endswith("/train_state.pt")}
+    run_id = mlflow_run(platform, name).info.run_id
+    # "Written" = delivered: rank 0 sends MLflow records from a background thread.
+    wait_for(
+        lambda: {m.step for m in platform.mlflow().get_metric_history(run_id, "loss")} >= {1, 2},
+        60,
+        "the metrics of steps 1 and 2 did not reach MLflow",
+    )
+    history_before = {
+        (m.step, m.value) for m in platform.mlflow().get_metric_history(run_id, "loss")
+    }
+    # The second node dies (all its processes killed at once), then a new node joins.
+    killed = run_cli(
+        ["local", "node", "remove", "node-1", "--force", "--state-dir", str(platform.state_dir)]
+    )
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    added = run_cli(
+        ["local", "node", "add", "--state-dir", str(platform.state_dir), "--timeout", "300"],
+        timeout=320,
+    )
+    assert added.returncode == 0, added.stdout + added.stderr
+    new_node = added.stdout.split()[1]
+
+    deadline = time.monotonic() + 600
+    final = job_status(platform, job_id)
+    while final not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(3.0)
+        final = job_status(platform, job_id)
+    logs = platform.ray(["job", "logs", job_id]).stdout
+    assert final == "SUCCEEDED", logs[-6000:]
+
+    run = mlflow_run(platform, name)
+    client = platform.mlflow()
+    # The run went on from a checkpoint: a second attempt whose first step was not 0.
+    attempts = {int(m.value) for m in client.get_metric_history(run.info.run_id, "attempt")}
+    assert attempts >= {1, 2}, attempts
+    start_steps = {int(m.value) for m in client.get_metric_history(run.info.run_id, "start_step")}
+    assert max(start_steps) >= 2, start_steps
+    assert run.data.metrics["step"] == 8
+    # The new attempt ran on the head and the new node, not on the lost one.
+    tables = placement_tables(platform, run.info.run_id)
+    assert len(tables) >= 2
+    assert set(tables[max(tables)]["node_id"]) == {platform.alive_node_ids()["head"], new_node}
+    assert lost_node in tables[1]["node_id"]
+    checksums = [run.data.metrics[f"param_checksum_rank{rank}"] for rank in (0, 1)]
+    assert checksums[0] == checksums[1]
+    # Nothing written before the loss is lost: checkpoints on S3 and the MLflow history.
+    after = platform.objects(run_prefix)
+    assert {k: after.get(k) for k in before if "/checkpoint_step" in k} == {
+        k: v for k, v in before.items() if "/checkpoint_step" in k
+    }
+    assert checkpoints_before
+    history_after = {(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert history_before <= history_after
+    assert {step for step, _ in history_after} == set(range(1, 9))
+
+
+def test_down_leaves_no_ray_process(platform: Platform) -> None:
+    instance_id = platform.state()["instance_id"]
+    assert marked_processes(instance_id)
+    result = run_cli(["local", "down", "--state-dir", str(platform.state_dir)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert marked_processes(instance_id) == []
+    leftovers = [
+        f"{p.pid} {' '.join(p.cmdline())[:120]}"
+        for p in psutil.process_iter()
+        if _mentions(p, str(platform.state_dir))
+    ]
+    assert leftovers == []
+
+
+def _mentions(process: psutil.Process, text: str) -> bool:
+    try:
+        return text in " ".join(process.cmdline())
+    except (psutil.Error, OSError):
+        return False
