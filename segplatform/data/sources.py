@@ -59,11 +59,9 @@ import numpy as np
 from PIL import Image
 
 from segplatform.data.format import (
-    BadSampleError,
     ConvertReport,
     DatasetError,
     DatasetInfo,
-    DatasetWriter,
     Sample,
 )
 
@@ -326,24 +324,19 @@ def convert_builtin(
     **options: Any,
 ) -> ConvertReport:
     """Build the built-in source ``name`` and write it to ``dest_uri``."""
-    from segplatform.data.convert import progress
+    from segplatform.data.convert import write_samples
 
     if name not in BUILTIN_SOURCES:
         raise KeyError(f"unknown built-in source {name!r}; valid: {', '.join(BUILTIN_SOURCES)}")
     info, samples = BUILTIN_SOURCES[name](**options)
-    report = ConvertReport(uri=str(dest_uri))
-    with DatasetWriter(
-        dest_uri, info, overwrite=overwrite, storage_options=storage_options
-    ) as writer:
-        for split, sample in progress(
-            samples, description=f"building {name}", enabled=show_progress
-        ):
-            try:
-                writer.add(split, sample)
-            except BadSampleError as exc:
-                if not skip_bad:
-                    raise
-                report.skipped.append((exc.source, exc.reason))
-        final = writer.close()
-    report.rows = dict(final.splits)
-    return report
+    return write_samples(
+        dest_uri,
+        info,
+        samples,
+        lambda pair: pair,  # the source yields (split, sample) already
+        description=f"building {name}",
+        skip_bad=skip_bad,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        show_progress=show_progress,
+    )

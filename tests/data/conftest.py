@@ -1,10 +1,15 @@
-"""Fixtures for the data tests: a folder of images and masks in the layout convert_folder reads."""
+"""Fixtures for the data tests: a folder of images and masks in the layout convert_folder reads,
+and ``layouts``, the module of VOC, Cityscapes and COCO tree writers (``fixtures_layouts.py``).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ from PIL import Image
 
 CLASSES = ["background", "road", "car"]
 PALETTE = [[0, 0, 0], [128, 64, 128], [0, 0, 142]]
+LAYOUTS_MODULE = "segplatform_test_fixtures_layouts"  # sys.modules name of fixtures_layouts.py
 
 
 def write_tree(
@@ -54,3 +60,16 @@ def class_map_file(tmp_path: Path) -> Path:
         json.dumps({"classes": CLASSES, "palette": PALETTE, "ignore_colors": [[255, 255, 255]]})
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def layouts() -> ModuleType:
+    """``fixtures_layouts.py``, loaded by path (``--import-mode=importlib``: not on sys.path)."""
+    if LAYOUTS_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            LAYOUTS_MODULE, Path(__file__).with_name("fixtures_layouts.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[LAYOUTS_MODULE] = module  # dataclasses look their module up while defined
+        spec.loader.exec_module(module)
+    return sys.modules[LAYOUTS_MODULE]

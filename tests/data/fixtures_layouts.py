@@ -1,6 +1,6 @@
 """Small dataset trees in the official VOC, Cityscapes and COCO layouts, written by the tests.
 
-Load from a test file with ``load_fixtures()`` of that file (tests run with
+Tests get this module from the ``layouts`` fixture of ``conftest.py`` (tests run with
 ``--import-mode=importlib``, so this folder is not on ``sys.path``).
 """
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,21 +13,6 @@ from PIL import Image
 from segplatform.data import BadSampleError, DatasetError, iter_samples, read_manifest
 from segplatform.data.convert.cityscapes import convert_cityscapes
 
-
-def _load_fixtures() -> ModuleType:
-    name = "segplatform_test_fixtures_layouts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("fixtures_layouts.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
-
 TRAIN_CLASSES = [
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
     "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
@@ -37,8 +20,8 @@ TRAIN_CLASSES = [
 ]  # fmt: skip
 
 
-def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
-    tree = fx.write_cityscapes(tmp_path / "cityscapes")
+def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_cityscapes(tmp_path / "cityscapes")
     dest = tmp_path / "out" / "cs"
     report = convert_cityscapes(tree.root, str(dest))
     assert report.rows == {"train": 2, "val": 1}  # test skipped by default
@@ -53,7 +36,7 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
         assert [s["id"] for s in samples] == tree.splits[split]
         for sample in samples:
             label_ids = tree.label_ids[sample["id"]]
-            expected = fx.cityscapes_train_ids(label_ids)
+            expected = layouts.cityscapes_train_ids(label_ids)
             np.testing.assert_array_equal(sample["mask"], expected)
             with Image.open(tree.images[sample["id"]]) as image:
                 np.testing.assert_array_equal(sample["image"], np.asarray(image))
@@ -64,8 +47,8 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
     assert seen_ignore and seen_class
 
 
-def test_cityscapes_test_split_on_request(tmp_path: Path) -> None:
-    tree = fx.write_cityscapes(tmp_path / "cityscapes")
+def test_cityscapes_test_split_on_request(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_cityscapes(tmp_path / "cityscapes")
     dest = tmp_path / "test-only"
     report = convert_cityscapes(tree.root, str(dest), splits=["test"])
     assert report.rows == {"test": 1}
@@ -73,23 +56,23 @@ def test_cityscapes_test_split_on_request(tmp_path: Path) -> None:
     assert (sample["mask"] == 255).all()
 
 
-def _break(tree, case: str) -> tuple[str, str]:
+def _break(layouts: ModuleType, tree, case: str) -> tuple[str, str]:
     stem = tree.splits["train"][1]
     image_path = tree.images[stem]
     label_path = tree.root / "gtFine" / "train" / "aachen" / f"{stem}_gtFine_labelIds.png"
     if case == "size_mismatch":
-        fx.save_png(image_path, fx.random_rgb(24, 40, 3))
+        layouts.save_png(image_path, layouts.random_rgb(24, 40, 3))
         return image_path.name, "but mask is"
     if case == "label_outside":
         label_ids = tree.label_ids[stem].copy()
         label_ids[2, 2] = 40
-        fx.save_png(label_path, label_ids)
+        layouts.save_png(label_path, label_ids)
         return label_path.name, "label id(s) 40 are not in the Cityscapes label table"
     if case == "truncated":
-        fx.truncate(image_path)
+        layouts.truncate(image_path)
         return image_path.name, "cannot be decoded"
     if case == "truncated_label":
-        fx.truncate(label_path)
+        layouts.truncate(label_path)
         return label_path.name, "cannot be decoded"
     if case == "missing_label":
         label_path.unlink()
@@ -100,22 +83,24 @@ def _break(tree, case: str) -> tuple[str, str]:
 @pytest.mark.parametrize(
     "case", ["size_mismatch", "label_outside", "truncated", "truncated_label", "missing_label"]
 )
-def test_cityscapes_bad_sample_names_file_and_leaves_nothing(tmp_path: Path, case: str) -> None:
-    tree = fx.write_cityscapes(tmp_path / "cityscapes")
-    file_name, problem = _break(tree, case)
+def test_cityscapes_bad_sample_names_file_and_leaves_nothing(
+    tmp_path: Path, layouts: ModuleType, case: str
+) -> None:
+    tree = layouts.write_cityscapes(tmp_path / "cityscapes")
+    file_name, problem = _break(layouts, tree, case)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(BadSampleError) as error:
         convert_cityscapes(tree.root, str(out / "cs"))
     assert file_name in str(error.value) and problem in str(error.value)
-    fx.assert_nothing_written(out)
+    layouts.assert_nothing_written(out)
 
 
-def test_cityscapes_skip_bad_skips_and_lists_each(tmp_path: Path) -> None:
-    tree = fx.write_cityscapes(tmp_path / "cityscapes")
+def test_cityscapes_skip_bad_skips_and_lists_each(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_cityscapes(tmp_path / "cityscapes")
     first, second = tree.splits["train"]
     (tree.root / "gtFine" / "train" / "aachen" / f"{first}_gtFine_labelIds.png").unlink()
-    fx.truncate(tree.images[tree.splits["val"][0]])
+    layouts.truncate(tree.images[tree.splits["val"][0]])
     dest = tmp_path / "out"
     report = convert_cityscapes(tree.root, str(dest), skip_bad=True)
     assert report.rows == {"train": 1}
@@ -130,16 +115,16 @@ def test_cityscapes_skip_bad_skips_and_lists_each(tmp_path: Path) -> None:
     ("remove", "missing"), [("gtFine/val", "gtFine/val/"), ("leftImg8bit", "leftImg8bit/train/")]
 )
 def test_cityscapes_wrong_layout_names_what_is_missing(
-    tmp_path: Path, remove: str, missing: str
+    tmp_path: Path, layouts: ModuleType, remove: str, missing: str
 ) -> None:
-    tree = fx.write_cityscapes(tmp_path / "cityscapes")
+    tree = layouts.write_cityscapes(tmp_path / "cityscapes")
     shutil.rmtree(tree.root / remove)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(DatasetError) as error:
         convert_cityscapes(tree.root, str(out / "cs"))
     assert "wrong Cityscapes layout" in str(error.value) and missing in str(error.value)
-    fx.assert_nothing_written(out)
+    layouts.assert_nothing_written(out)
 
 
 def test_cityscapes_no_images_is_a_layout_error(tmp_path: Path) -> None:

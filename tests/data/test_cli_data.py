@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,25 +15,13 @@ from PIL import Image
 from segplatform.cli import build_parser, main
 from segplatform.data import iter_samples
 
-
-def _load_fixtures() -> ModuleType:
-    name = "segplatform_test_fixtures_layouts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("fixtures_layouts.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
 SCRIPT = Path(sys.executable).with_name("segplatform")
 
 
-def test_convert_inspect_preview_voc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    tree = fx.write_voc(tmp_path / "src")
+def test_convert_inspect_preview_voc(
+    layouts: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = layouts.write_voc(tmp_path / "src")
     dest = tmp_path / "voc"
     assert main(["data", "convert", "voc", str(tree.root), str(dest)]) == 0
     out = capsys.readouterr().out
@@ -72,9 +59,9 @@ def test_convert_inspect_preview_voc(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_convert_errors_are_one_line_exit_2_and_leave_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    layouts: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tree = fx.write_voc(tmp_path / "src")
+    tree = layouts.write_voc(tmp_path / "src")
     (tree.voc / "ImageSets" / "Segmentation" / "val.txt").unlink()
     out = tmp_path / "out"
     out.mkdir()
@@ -82,23 +69,23 @@ def test_convert_errors_are_one_line_exit_2_and_leave_nothing(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "ImageSets/Segmentation/val.txt" in err and "Traceback" not in err
-    fx.assert_nothing_written(out)
+    layouts.assert_nothing_written(out)
 
-    fx.truncate(tree.voc / "JPEGImages" / f"{tree.splits['train'][0]}.jpg")
+    layouts.truncate(tree.voc / "JPEGImages" / f"{tree.splits['train'][0]}.jpg")
     argv = ["data", "convert", "voc", str(tree.root), str(out / "voc"), "--splits", "train"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{tree.splits['train'][0]}.jpg" in err and "cannot be decoded" in err
-    fx.assert_nothing_written(out)
+    layouts.assert_nothing_written(out)
 
     assert main(["data", "inspect", str(out)]) == 2
     assert "not a dataset" in capsys.readouterr().err
 
 
 def test_skip_bad_lists_each_skipped_sample(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    layouts: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tree = fx.write_voc(tmp_path / "src")
+    tree = layouts.write_voc(tmp_path / "src")
     broken = tree.splits["train"][0]
     (tree.voc / "SegmentationClass" / f"{broken}.png").unlink()
     dest = tmp_path / "voc"
@@ -116,15 +103,15 @@ def test_skip_bad_lists_each_skipped_sample(
 
 
 def test_convert_coco_and_cityscapes_through_the_cli(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    layouts: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    coco = fx.write_coco(tmp_path / "coco")
+    coco = layouts.write_coco(tmp_path / "coco")
     split = "train=annotations/instances_train2017.json:train2017"
     dest = tmp_path / "coco-ds"
     assert main(["data", "convert", "coco", str(coco.root), str(dest), "--split", split]) == 0
     assert "2 rows (train 2)" in capsys.readouterr().out
     assert all(s["instances"] is not None for s in iter_samples(str(dest), "train"))
-    cityscapes = fx.write_cityscapes(tmp_path / "cs")
+    cityscapes = layouts.write_cityscapes(tmp_path / "cs")
     dest = tmp_path / "cs-ds"
     assert main(["data", "convert", "cityscapes", str(cityscapes.root), str(dest),
                  "--splits", "val", "--name", "cs-val"]) == 0  # fmt: skip

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,28 +12,16 @@ import pytest
 from segplatform.data import BadSampleError, DatasetError, iter_samples, read_manifest
 from segplatform.data.convert.coco import convert_coco, split_specs
 
-
-def _load_fixtures() -> ModuleType:
-    name = "segplatform_test_fixtures_layouts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("fixtures_layouts.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
 CLASS_OF_CATEGORY = {1: 1, 3: 2, 18: 3}  # person, car, dog -> contiguous ids
 
 
-def _expected(image: dict, annotations: list[dict]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+def _expected(
+    layouts: ModuleType, image: dict, annotations: list[dict]
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Semantic mask and {annotation id: instance region} painted as documented."""
     height, width = image["height"], image["width"]
     semantic = np.zeros((height, width), dtype=np.uint8)
-    decoded = {a["id"]: fx.decode_annotation(a, height, width) for a in annotations}
+    decoded = {a["id"]: layouts.decode_annotation(a, height, width) for a in annotations}
     for annotation in annotations:
         if annotation["iscrowd"]:
             semantic[decoded[annotation["id"]]] = 255
@@ -53,8 +39,8 @@ def _expected(image: dict, annotations: list[dict]) -> tuple[np.ndarray, dict[in
     return semantic, regions
 
 
-def test_coco_semantic_and_instance_masks(tmp_path: Path) -> None:
-    tree = fx.write_coco(tmp_path / "coco")
+def test_coco_semantic_and_instance_masks(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_coco(tmp_path / "coco")
     dest = tmp_path / "out" / "coco"
     report = convert_coco(tree.root, str(dest))  # splits discovered from annotations/
     assert report.rows == {"train": 2, "val": 1}
@@ -67,10 +53,10 @@ def test_coco_semantic_and_instance_masks(tmp_path: Path) -> None:
     for image in train["images"]:
         sample = samples[Path(image["file_name"]).stem]
         annotations = [a for a in train["annotations"] if a["image_id"] == image["id"]]
-        semantic, regions = _expected(image, annotations)
+        semantic, regions = _expected(layouts, image, annotations)
         np.testing.assert_array_equal(sample["mask"], semantic)
         np.testing.assert_array_equal(
-            sample["image"], fx.jpeg_decoded(tree.image_paths[Path(image["file_name"]).stem])
+            sample["image"], layouts.jpeg_decoded(tree.image_paths[Path(image["file_name"]).stem])
         )
         instances = sample["instances"]
         assert instances.dtype == np.uint16 and instances.shape == semantic.shape
@@ -94,8 +80,8 @@ def test_coco_semantic_and_instance_masks(tmp_path: Path) -> None:
     assert (val["mask"] == 0).all() and (val["instances"] == 0).all()
 
 
-def test_coco_explicit_splits_and_skip_empty(tmp_path: Path) -> None:
-    tree = fx.write_coco(tmp_path / "coco")
+def test_coco_explicit_splits_and_skip_empty(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_coco(tmp_path / "coco")
     dest = tmp_path / "out"
     splits = split_specs(["training=annotations/instances_train2017.json:train2017"])
     assert splits == {"training": ("annotations/instances_train2017.json", "train2017")}
@@ -112,16 +98,16 @@ def _rewrite(tree, change) -> None:
     path.write_text(json.dumps(data))
 
 
-def _break(tree, case: str) -> tuple[str, str]:
+def _break(layouts: ModuleType, tree, case: str) -> tuple[str, str]:
     image_path = tree.image_paths["000000000025"]
     if case == "size_mismatch":
-        fx.save_jpeg(image_path, fx.random_rgb(30, 33, 5))
+        layouts.save_jpeg(image_path, layouts.random_rgb(30, 33, 5))
         return image_path.name, "declares 30x30"
     if case == "label_outside":
         _rewrite(tree, lambda d: d["annotations"][3].update(category_id=99))
         return "annotation 201", "category_id 99 is not in the JSON's categories"
     if case == "truncated":
-        fx.truncate(image_path)
+        layouts.truncate(image_path)
         return image_path.name, "cannot be decoded"
     if case == "missing_image":
         image_path.unlink()
@@ -130,7 +116,7 @@ def _break(tree, case: str) -> tuple[str, str]:
         _rewrite(tree, lambda d: d["annotations"][3].update(segmentation=[[1.0, 2.0, 3.0]]))
         return "annotation 201", "polygon needs an even number >= 6"
     if case == "rle_size":
-        rle = fx.compressed_rle(np.ones((10, 10), dtype=np.uint8))
+        rle = layouts.compressed_rle(np.ones((10, 10), dtype=np.uint8))
         _rewrite(tree, lambda d: d["annotations"][3].update(segmentation=rle))
         return "annotation 201", "RLE size 10x10 (WxH) does not match"
     raise AssertionError(case)
@@ -140,9 +126,11 @@ def _break(tree, case: str) -> tuple[str, str]:
     "case",
     ["size_mismatch", "label_outside", "truncated", "missing_image", "bad_polygon", "rle_size"],
 )
-def test_coco_bad_sample_names_file_and_leaves_nothing(tmp_path: Path, case: str) -> None:
-    tree = fx.write_coco(tmp_path / "coco")
-    what, problem = _break(tree, case)
+def test_coco_bad_sample_names_file_and_leaves_nothing(
+    tmp_path: Path, layouts: ModuleType, case: str
+) -> None:
+    tree = layouts.write_coco(tmp_path / "coco")
+    what, problem = _break(layouts, tree, case)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(BadSampleError) as error:
@@ -151,12 +139,12 @@ def test_coco_bad_sample_names_file_and_leaves_nothing(tmp_path: Path, case: str
     assert what in message and problem in message
     if case in ("label_outside", "bad_polygon", "rle_size"):
         assert "instances_train2017.json" in message
-    fx.assert_nothing_written(out)
+    layouts.assert_nothing_written(out)
 
 
-def test_coco_skip_bad_skips_and_lists_each(tmp_path: Path) -> None:
-    tree = fx.write_coco(tmp_path / "coco")
-    fx.truncate(tree.image_paths["000000000009"])
+def test_coco_skip_bad_skips_and_lists_each(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_coco(tmp_path / "coco")
+    layouts.truncate(tree.image_paths["000000000009"])
     _rewrite(tree, lambda d: d["annotations"][3].update(category_id=42))
     dest = tmp_path / "out"
     report = convert_coco(tree.root, str(dest), skip_bad=True)
@@ -175,8 +163,8 @@ def test_coco_skip_bad_skips_and_lists_each(tmp_path: Path) -> None:
         ("no_image_dir", "missing image folder"),
     ],
 )
-def test_coco_wrong_layout(tmp_path: Path, damage: str, message: str) -> None:
-    tree = fx.write_coco(tmp_path / "coco")
+def test_coco_wrong_layout(tmp_path: Path, layouts: ModuleType, damage: str, message: str) -> None:
+    tree = layouts.write_coco(tmp_path / "coco")
     train_json = tree.root / "annotations" / "instances_train2017.json"
     if damage == "no_categories":
         _rewrite(tree, lambda d: d.pop("categories"))
@@ -199,4 +187,4 @@ def test_coco_wrong_layout(tmp_path: Path, damage: str, message: str) -> None:
         assert "instances_train2017.json" in str(error.value)
     if damage == "no_image_dir":
         assert "val2017" in str(error.value)
-    fx.assert_nothing_written(out)
+    layouts.assert_nothing_written(out)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -16,23 +14,8 @@ from segplatform.data import BadSampleError, DatasetError, iter_samples, read_ma
 from segplatform.data.convert.voc import VOC_CLASSES, VOC_PALETTE, convert_voc
 
 
-def _load_fixtures() -> ModuleType:
-    name = "segplatform_test_fixtures_layouts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("fixtures_layouts.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
-
-
-def test_voc_round_trip_is_pixel_exact(tmp_path: Path) -> None:
-    tree = fx.write_voc(tmp_path / "src")
+def test_voc_round_trip_is_pixel_exact(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_voc(tmp_path / "src")
     dest = tmp_path / "out" / "voc"
     report = convert_voc(tree.root, str(dest))
     assert report.rows == {"train": 3, "val": 2}
@@ -41,7 +24,7 @@ def test_voc_round_trip_is_pixel_exact(tmp_path: Path) -> None:
     assert info.classes == VOC_CLASSES and len(info.classes) == 21
     assert info.classes[15] == "person" and info.classes[20] == "tvmonitor"
     assert info.ignore_index == 255
-    for index, colour in fx.VOC_COLOURS_BY_HAND.items():
+    for index, colour in layouts.VOC_COLOURS_BY_HAND.items():
         if index < 21:
             assert info.palette[index] == colour
     assert info.palette == VOC_PALETTE
@@ -53,12 +36,12 @@ def test_voc_round_trip_is_pixel_exact(tmp_path: Path) -> None:
             assert sample["mask"].dtype == np.uint8
             np.testing.assert_array_equal(sample["mask"], expected)
             assert (sample["mask"] == 255).any()  # the boundaries stay ignore
-            jpeg = fx.jpeg_decoded(tree.voc / "JPEGImages" / f"{sample['id']}.jpg")
+            jpeg = layouts.jpeg_decoded(tree.voc / "JPEGImages" / f"{sample['id']}.jpg")
             np.testing.assert_array_equal(sample["image"], jpeg)  # stored as is
 
 
-def test_voc_root_folder_and_split_choice(tmp_path: Path) -> None:
-    tree = fx.write_voc(tmp_path / "src")
+def test_voc_root_folder_and_split_choice(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_voc(tmp_path / "src")
     dest = tmp_path / "trainval"
     report = convert_voc(tree.voc, str(dest), splits=["trainval"], name="voc-tv")
     assert report.rows == {"trainval": 5}
@@ -66,8 +49,8 @@ def test_voc_root_folder_and_split_choice(tmp_path: Path) -> None:
     assert info.name == "voc-tv" and info.splits == {"trainval": 5}
 
 
-def test_voc_rgb_masks_map_through_the_colour_map(tmp_path: Path) -> None:
-    tree = fx.write_voc(tmp_path / "src")
+def test_voc_rgb_masks_map_through_the_colour_map(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_voc(tmp_path / "src")
     image_id = tree.splits["train"][0]
     path = tree.voc / "SegmentationClass" / f"{image_id}.png"
     with Image.open(path) as image:
@@ -78,22 +61,22 @@ def test_voc_rgb_masks_map_through_the_colour_map(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sample["mask"], tree.masks[image_id])
 
 
-def _break(tree, case: str) -> tuple[str, str]:
+def _break(layouts: ModuleType, tree, case: str) -> tuple[str, str]:
     """Damage one train sample; returns (file name expected in the error, problem words)."""
     voc = tree.voc
     image_id = tree.splits["train"][1]
     image_path = voc / "JPEGImages" / f"{image_id}.jpg"
     mask_path = voc / "SegmentationClass" / f"{image_id}.png"
     if case == "size_mismatch":
-        fx.save_jpeg(image_path, fx.random_rgb(32, 44, 9))
+        layouts.save_jpeg(image_path, layouts.random_rgb(32, 44, 9))
         return image_path.name, "but mask is"
     if case == "label_outside":
         labels = tree.masks[image_id].copy()
         labels[0, 0] = 30
-        fx.save_palette_png(mask_path, labels)
+        layouts.save_palette_png(mask_path, labels)
         return mask_path.name, "label(s) 30 outside"
     if case == "truncated":
-        fx.truncate(image_path)
+        layouts.truncate(image_path)
         return image_path.name, "cannot be decoded"
     if case == "unreadable":
         image_path.write_bytes(b"this is not a jpeg")
@@ -118,26 +101,28 @@ BAD_CASES = [
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_voc_bad_sample_names_file_and_leaves_nothing(tmp_path: Path, case: str) -> None:
-    tree = fx.write_voc(tmp_path / "src")
-    file_name, problem = _break(tree, case)
+def test_voc_bad_sample_names_file_and_leaves_nothing(
+    tmp_path: Path, layouts: ModuleType, case: str
+) -> None:
+    tree = layouts.write_voc(tmp_path / "src")
+    file_name, problem = _break(layouts, tree, case)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(BadSampleError) as error:
         convert_voc(tree.root, str(out / "voc"))
     assert file_name in str(error.value) and problem in str(error.value)
-    fx.assert_nothing_written(out)
+    layouts.assert_nothing_written(out)
 
 
-def test_voc_skip_bad_skips_and_lists_each(tmp_path: Path) -> None:
-    tree = fx.write_voc(tmp_path / "src")
+def test_voc_skip_bad_skips_and_lists_each(tmp_path: Path, layouts: ModuleType) -> None:
+    tree = layouts.write_voc(tmp_path / "src")
     train, val = tree.splits["train"], tree.splits["val"]
     voc = tree.voc
-    fx.truncate(voc / "JPEGImages" / f"{train[0]}.jpg")
+    layouts.truncate(voc / "JPEGImages" / f"{train[0]}.jpg")
     (voc / "SegmentationClass" / f"{train[2]}.png").unlink()
     labels = tree.masks[val[0]].copy()
     labels[3, 3] = 77
-    fx.save_palette_png(voc / "SegmentationClass" / f"{val[0]}.png", labels)
+    layouts.save_palette_png(voc / "SegmentationClass" / f"{val[0]}.png", labels)
     dest = tmp_path / "out"
     report = convert_voc(tree.root, str(dest), skip_bad=True)
     assert report.rows == {"train": 1, "val": 1}
@@ -161,8 +146,10 @@ def test_voc_skip_bad_skips_and_lists_each(tmp_path: Path) -> None:
         ("ImageSets", "ImageSets/Segmentation/"),
     ],
 )
-def test_voc_wrong_layout_names_what_is_missing(tmp_path: Path, remove: str, missing: str) -> None:
-    tree = fx.write_voc(tmp_path / "src")
+def test_voc_wrong_layout_names_what_is_missing(
+    tmp_path: Path, layouts: ModuleType, remove: str, missing: str
+) -> None:
+    tree = layouts.write_voc(tmp_path / "src")
     target = tree.voc / remove
     if target.is_dir():
         shutil.rmtree(target)
@@ -174,7 +161,7 @@ def test_voc_wrong_layout_names_what_is_missing(tmp_path: Path, remove: str, mis
         convert_voc(tree.root, str(out / "voc"))
     assert "wrong PASCAL VOC 2012 layout" in str(error.value)
     assert missing in str(error.value)
-    fx.assert_nothing_written(out)
+    layouts.assert_nothing_written(out)
 
 
 def test_voc_source_that_does_not_exist(tmp_path: Path) -> None:

@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segplatform.data.convert import progress
+from segplatform.data.convert import write_samples
 from segplatform.data.format import (
     BadSampleError,
     ConvertReport,
     DatasetError,
     DatasetInfo,
-    DatasetWriter,
     Sample,
 )
 
@@ -205,24 +204,15 @@ def convert_cityscapes(
             f"{root}: wrong Cityscapes layout: no <city>/*{IMAGE_SUFFIX} images under "
             f"{', '.join(f'leftImg8bit/{split}' for split in splits)}"
         )
-    info = DatasetInfo(name, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX)
-    report = ConvertReport(uri=str(dest_uri))
-    with DatasetWriter(
+    return write_samples(
         dest_uri,
-        info,
+        DatasetInfo(name, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX),
+        work,
+        # item: (split, image path)
+        lambda item: (item[0], load_cityscapes_sample(root, *item, annotations)),
+        skip_bad=skip_bad,
         overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
         storage_options=storage_options,
-    ) as writer:
-        for split, image_path in progress(
-            work, total=len(work), description=f"converting {name}", enabled=show_progress
-        ):
-            try:
-                writer.add(split, load_cityscapes_sample(root, split, image_path, annotations))
-            except BadSampleError as exc:
-                if not skip_bad:
-                    raise
-                report.skipped.append((exc.source, exc.reason))
-        final = writer.close()
-    report.rows = dict(final.splits)
-    return report
+        max_shard_bytes=max_shard_bytes,
+        show_progress=show_progress,
+    )

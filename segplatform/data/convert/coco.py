@@ -43,13 +43,12 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from segplatform.data.convert import progress
+from segplatform.data.convert import write_samples
 from segplatform.data.format import (
     BadSampleError,
     ConvertReport,
     DatasetError,
     DatasetInfo,
-    DatasetWriter,
     Sample,
     default_palette,
 )
@@ -345,28 +344,18 @@ def convert_coco(
     ]
     if not work:
         raise DatasetError(f"{root}: the annotation files list no images")
-    report = ConvertReport(uri=str(dest_uri))
-    with DatasetWriter(
+    return write_samples(
         dest_uri,
         info,
+        work,
+        # item: (CocoSplit, CocoImage)
+        lambda item: (item[0].name, load_coco_sample(*item, category_to_class, ignore_index)),
+        skip_bad=skip_bad,
         overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
         storage_options=storage_options,
-    ) as writer:
-        for split, image in progress(
-            work, total=len(work), description=f"converting {name}", enabled=show_progress
-        ):
-            try:
-                writer.add(
-                    split.name, load_coco_sample(split, image, category_to_class, ignore_index)
-                )
-            except BadSampleError as exc:
-                if not skip_bad:
-                    raise
-                report.skipped.append((exc.source, exc.reason))
-        final = writer.close()
-    report.rows = dict(final.splits)
-    return report
+        max_shard_bytes=max_shard_bytes,
+        show_progress=show_progress,
+    )
 
 
 def split_specs(specs: Sequence[str]) -> dict[str, tuple[str, str]]:

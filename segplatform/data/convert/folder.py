@@ -34,13 +34,12 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from segplatform.data.convert import progress
+from segplatform.data.convert import write_samples
 from segplatform.data.format import (
     BadSampleError,
     ConvertReport,
     DatasetError,
     DatasetInfo,
-    DatasetWriter,
     Sample,
     default_palette,
 )
@@ -221,6 +220,29 @@ def _pairs(
         yield stem, image, mask, problem
 
 
+def load_folder_sample(
+    split: str | None,
+    stem: str,
+    image: Path | None,
+    mask: Path | None,
+    problem: str | None,
+    class_map: ClassMap,
+    mask_mode: MaskMode,
+    val_fraction: float | None,
+) -> tuple[str, Sample]:
+    """(target split, sample) of one stem found by :func:`_pairs`; BadSampleError if unusable."""
+    if problem is not None:
+        raise BadSampleError(str(image or mask), problem)
+    assert image is not None and mask is not None
+    try:
+        image_bytes = image.read_bytes()
+    except OSError as exc:
+        raise BadSampleError(str(image), f"cannot be read ({exc})") from exc
+    labels = read_mask(mask, class_map, mask_mode)
+    target = split or (split_for(stem, val_fraction) if val_fraction else "train")
+    return target, Sample(stem, image_bytes, labels, source=f"{image} + {mask}")
+
+
 def convert_folder(
     src: str | os.PathLike[str] | None,
     dest_uri: str,
@@ -266,37 +288,18 @@ def convert_folder(
     if not work:
         raise DatasetError(f"{layout[0][1]}: wrong layout: no image files found")
     dataset_name = name or Path(src or images_dir or "dataset").resolve().name
-    info = DatasetInfo(dataset_name, mapping.classes, mapping.palette, mapping.ignore_index)
-    report = ConvertReport(uri=str(dest_uri))
-    with DatasetWriter(
+    return write_samples(
         dest_uri,
-        info,
+        DatasetInfo(dataset_name, mapping.classes, mapping.palette, mapping.ignore_index),
+        work,
+        # item: (split, stem, image, mask, problem)
+        lambda item: load_folder_sample(*item, mapping, mask_mode, val_fraction),
+        skip_bad=skip_bad,
         overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
         storage_options=storage_options,
-    ) as writer:
-        for split, stem, image, mask, problem in progress(
-            work, total=len(work), description=f"converting {dataset_name}", enabled=show_progress
-        ):
-            source = " + ".join(str(p) for p in (image, mask) if p is not None)
-            try:
-                if problem is not None:
-                    raise BadSampleError(str(image or mask), problem)
-                assert image is not None and mask is not None
-                try:
-                    image_bytes = image.read_bytes()
-                except OSError as exc:
-                    raise BadSampleError(str(image), f"cannot be read ({exc})") from exc
-                labels = read_mask(mask, mapping, mask_mode)
-                target = split or (split_for(stem, val_fraction) if val_fraction else "train")
-                writer.add(target, Sample(stem, image_bytes, labels, source=source))
-            except BadSampleError as exc:
-                if not skip_bad:
-                    raise
-                report.skipped.append((exc.source, exc.reason))
-        final = writer.close()
-    report.rows = dict(final.splits)
-    return report
+        max_shard_bytes=max_shard_bytes,
+        show_progress=show_progress,
+    )
 
 
 def encode_image(array: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -31,14 +31,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segplatform.data.convert import progress
+from segplatform.data.convert import write_samples
 from segplatform.data.convert.folder import ClassMap, colors_to_labels
 from segplatform.data.format import (
     BadSampleError,
     ConvertReport,
     DatasetError,
     DatasetInfo,
-    DatasetWriter,
     Sample,
     default_palette,
 )
@@ -197,24 +196,15 @@ def convert_voc(
     ]
     if not work:
         raise DatasetError(f"{root}: the split files {list(splits)} list no images")
-    info = DatasetInfo(name, VOC_CLASSES, VOC_PALETTE, VOC_IGNORE_INDEX)
-    report = ConvertReport(uri=str(dest_uri))
-    with DatasetWriter(
+    return write_samples(
         dest_uri,
-        info,
+        DatasetInfo(name, VOC_CLASSES, VOC_PALETTE, VOC_IGNORE_INDEX),
+        work,
+        # item: (split, image id)
+        lambda item: (item[0], load_voc_sample(root, item[1])),
+        skip_bad=skip_bad,
         overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
         storage_options=storage_options,
-    ) as writer:
-        for split, image_id in progress(
-            work, total=len(work), description=f"converting {name}", enabled=show_progress
-        ):
-            try:
-                writer.add(split, load_voc_sample(root, image_id))
-            except BadSampleError as exc:
-                if not skip_bad:
-                    raise
-                report.skipped.append((exc.source, exc.reason))
-        final = writer.close()
-    report.rows = dict(final.splits)
-    return report
+        max_shard_bytes=max_shard_bytes,
+        show_progress=show_progress,
+    )
