@@ -29,11 +29,15 @@ from segplatform.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+# Names the commit of the code for the run's ``git_commit`` tag where git cannot tell.
+GIT_COMMIT_ENV_VAR = "SEGPLATFORM_GIT_COMMIT"
+
 __all__ = [
     "best_checkpoint",
     "build_plan",
     "check_placement",
     "ensure_ray",
+    "git_commit",
     "register_best",
     "run",
     "storage_for",
@@ -99,10 +103,21 @@ def storage_for(config: TrainConfig) -> tuple[str, Any, str]:
     return local, None, os.path.join(local, config.name)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The commit of the code that runs: ``SEGPLATFORM_GIT_COMMIT`` when set (a job submitted
+    with ``ray job submit`` runs an uploaded copy without ``.git``: pass it in the runtime
+    env), else the git checkout this package is in, else ``"unknown"``."""
+    commit = os.environ.get(GIT_COMMIT_ENV_VAR, "").strip()
+    if commit:
+        return commit
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -251,7 +266,7 @@ def build_plan(config: TrainConfig) -> dict[str, Any]:
             "dataset": config.data,
             "dataset_name": info.name,
             "manifest_version": str(info.version),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "ray_run_name": config.name,
             "architecture": config.arch,
         },
