@@ -28,6 +28,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Keeps the examples' line breaks and shows defaults."""
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """Argument type ``HxW`` (or ``H,W``, or one number for a square) -> ``(H, W)``."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x512), got {text!r}") from None
+    if len(values) == 1:
+        values = (values[0], values[0])
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x512), got {text!r}")
+    return values[0], values[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segplatform",

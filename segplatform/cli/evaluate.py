@@ -6,25 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x512), got {text!r}") from None
-    if len(values) == 1:
-        values = (values[0], values[0])
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x512), got {text!r}")
-    return values  # type: ignore[return-value]
+from segplatform.cli import HelpFormatter, image_size
 
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference recipe (defaults: the model package's)")
     group.add_argument("--slide", action="store_true", help="sliding-window inference")
-    group.add_argument("--crop", type=_size, help="window size HxW for --slide")
-    group.add_argument("--stride", type=_size, help="window stride HxW (default 2/3 of --crop)")
+    group.add_argument("--crop", type=image_size, help="window size HxW for --slide")
+    group.add_argument(
+        "--stride", type=image_size, help="window stride HxW (default 2/3 of --crop)"
+    )
     group.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     group.add_argument(
         "--scales", type=float, nargs="+", help="multi-scale factors, e.g. 0.75 1 1.25"
@@ -108,7 +99,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from segplatform.cli import HelpFormatter
 
     evaluate = subparsers.add_parser(
         "evaluate",

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from segplatform.cli import HelpFormatter
+from segplatform.cli import HelpFormatter, image_size
 
 _EPILOG = """\
 MACs are counted with torch.utils.flop_counter (MACs = FLOPs / 2, convolutions and matrix
@@ -32,7 +32,9 @@ def register(subparsers: Any) -> None:
         epilog=_EPILOG,
     )
     parser.add_argument("--arch", required=True, help="registry name, e.g. deeplab_v3")
-    parser.add_argument("--input", type=_size, default=(512, 512), metavar="HxW", help="input size")
+    parser.add_argument(
+        "--input", type=image_size, default=(512, 512), metavar="HxW", help="input size"
+    )
     parser.add_argument(
         "--param",
         action="append",
@@ -44,19 +46,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
-
-
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x512), got {text!r}") from None
-    if len(values) == 1:
-        values = (values[0], values[0])
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x512), got {text!r}")
-    return values[0], values[1]
 
 
 def parse_param(text: str) -> tuple[str, Any]:
