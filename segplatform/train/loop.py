@@ -28,6 +28,10 @@ rank 0 -> 3f2a9c01d4e5/0, ...``, tag ``placement_strategy``, and the table artif
 ``worker_local_ranks`` and ``num_nodes``. At the last step every rank's parameter checksum is
 gathered: ``param_checksums`` in the final metrics, ``param_checksum_rank<r>`` in MLflow.
 
+Progress: rank 0 prints one line per metrics report (``progress_line``: step, epoch, loss, lr,
+images/s, and validation mIoU where it evaluated), which reaches the driver and ``ray job logs``;
+Ray Train's own INFO log of every report is raised to WARNING (``quiet_ray_report_log``).
+
 Fault injection (tests only): ``fail_at_step`` makes rank ``fail_rank`` call ``os._exit(1)`` when
 it reaches that iteration, once per run: a marker file in the run's storage directory says that
 the fault already happened.
@@ -40,6 +44,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 import uuid
@@ -580,7 +585,7 @@ class _Trainer:
         if self.rank != 0:
             return
         summary = placement_summary(self.workers)
-        print(f"{self.cfg.name} attempt {self.attempt}: {summary}", flush=True)
+        say(f"{self.cfg.name} attempt {self.attempt}: {summary}")
         self.tracker.set_tags(
             {"placement": summary, "placement_strategy": self.cfg.placement_strategy}
         )
@@ -816,6 +821,8 @@ class _Trainer:
                 elif "loss" in metrics:
                     self.tracker.log_metrics(metrics, step=self.step)
                     ray.train.report(metrics)  # [ray] training metrics (every worker calls it)
+                if self.rank == 0 and ("loss" in metrics or "val_miou" in metrics):
+                    say(progress_line(cfg.name, max_iters, metrics))
                 if self.step >= max_iters:
                     break
         self.tracker.finish("FINISHED")
@@ -889,8 +896,39 @@ class _Trainer:
                 logger.warning("checkpoint at step %d not confirmed: %s", self.step, err)
 
 
+def progress_line(name: str, max_iters: int, metrics: dict[str, Any]) -> str:
+    """One line of training progress for the job log, e.g. ``unet-x step 40/400 epoch 2
+    loss 0.5312 lr 0.00941 25.3 img/s val mIoU 0.4123 (best 0.4123)``."""
+    parts = [f"{name} step {metrics['step']}/{max_iters} epoch {metrics['epoch']}"]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.3g}")
+        parts.append(f"{metrics['images_per_s']:.1f} img/s")
+    if "val_miou" in metrics:
+        parts.append(f"val mIoU {metrics['val_miou']:.4f} (best {metrics['best_val_miou']:.4f})")
+    return " ".join(parts)
+
+
+def say(line: str) -> None:
+    """Print one line to the process's real stdout, once. (In a Ray Train worker a plain
+    ``print`` goes both to the wrapped ``sys.stdout`` and, through Ray Train's patched print, to
+    the console log handler: every line would show twice.)"""
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+def quiet_ray_report_log() -> None:
+    """Ray Train logs every ``ray.train.report`` of every worker, the whole metrics dict, at
+    INFO; rank 0's ``progress_line`` says what matters, so that log is raised to WARNING."""
+    try:
+        from ray.train.v2._internal.execution import context  # its logger is named by __file__
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except Exception as err:  # a private module: a newer Ray may move it
+        logger.debug("Ray Train report log left as it is: %s", err)
+
+
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``)."""
+    quiet_ray_report_log()
     trainer = _Trainer(config_dict)
     try:
         trainer.fit()
