@@ -9,6 +9,10 @@ retries; on recovery it sends everything in order. If the server is still down w
 by a dead server), the records stay in the buffer, a warning names the buffer, and
 ``segplatform tracking sync BUFFER_DIR`` uploads them later.
 
+A record the server answers and refuses (an HTTP 4xx such as an invalid metric name: retrying
+cannot help) is left out with a warning and kept in ``rejected.jsonl`` in the buffer, so that one
+bad record never holds up the ones behind it.
+
 A run is identified by a ``run_key`` (the Ray Train run name): a resumed training attempt finds
 and continues its MLflow run (tag ``segplatform.run_key``) instead of opening a new one.
 
@@ -35,7 +39,12 @@ logger = logging.getLogger(__name__)
 
 RECORDS = "records.jsonl"
 DELIVERED = "delivered"
+REJECTED = "rejected.jsonl"
 RUN_KEY_TAG = "segplatform.run_key"
+
+
+class NoRunError(RuntimeError):
+    """A record came after a ``start`` record the server refused: there is no run to log to."""
 
 
 @dataclass
@@ -89,7 +98,7 @@ class _Delivery:
                 self.run_id = run.info.run_id
             return
         if self.run_id is None:
-            raise RuntimeError("no MLflow run: the 'start' record was not delivered")
+            raise NoRunError("no MLflow run: the tracking server refused the 'start' record")
         run_id = self.run_id
         if op == "params":
             params = [Param(k, str(v)[:6000]) for k, v in args["params"].items()]
@@ -337,6 +346,14 @@ class RunTracker:
             try:
                 self._delivery.send(op, args, self.files_dir)
             except Exception as err:
+                if is_rejection(err):
+                    reject_record(self.buffer_dir, seq, op, args, err, self.tracking_uri)
+                    with self._lock:
+                        self._unreachable_since = None
+                        self._pending.pop(0)
+                        (self.buffer_dir / DELIVERED).write_text(str(seq))
+                        self._wake.notify_all()
+                    continue
                 with self._lock:
                     if self._unreachable_since is None:
                         self._unreachable_since = time.monotonic()
@@ -387,6 +404,37 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
+def is_rejection(err: BaseException) -> bool:
+    """Whether the tracking server answered and refused a record (HTTP 4xx other than 408 and
+    429), as opposed to being unreachable or failing (5xx): only then is retrying useless."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, NoRunError):
+        return True
+    if not isinstance(err, MlflowException):
+        return False
+    status = err.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+def reject_record(
+    buffer_dir: Path, seq: int, op: str, args: dict[str, Any], err: BaseException, uri: str
+) -> None:
+    """Leave a refused record out: warn, and keep it in ``rejected.jsonl`` with the reason."""
+    reason = _reason(err)
+    logger.warning(
+        "MLflow at %s refused the %r record #%d (%s); it is left out and kept in %s",
+        uri,
+        op,
+        seq,
+        reason,
+        buffer_dir / REJECTED,
+    )
+    line = json.dumps({"seq": seq, "op": op, "args": args, "reason": reason})
+    with open(buffer_dir / REJECTED, "a") as f:
+        f.write(line + "\n")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -422,7 +470,8 @@ def pending_records(buffer_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def sync_buffer(buffer_dir: str | os.PathLike, tracking_uri: str | None = None) -> int:
-    """Upload the undelivered records of a tracking buffer; return how many were sent.
+    """Upload the undelivered records of a tracking buffer; return how many were sent (records
+    the server refuses are left out, see ``reject_record``).
 
     The run is found again through its ``start`` record's run key, so records resume the same
     MLflow run.
@@ -439,7 +488,16 @@ def sync_buffer(buffer_dir: str | os.PathLike, tracking_uri: str | None = None) 
         raise ValueError(f"{buffer}: the buffer has no 'start' record")
     if not records or records[0]["op"] != "start":
         delivery.send("start", start["args"], buffer / "files")
+    sent = 0
     for record in records:
-        delivery.send(record["op"], record["args"], buffer / "files")
+        try:
+            delivery.send(record["op"], record["args"], buffer / "files")
+            sent += 1
+        except Exception as err:
+            if not is_rejection(err):
+                raise
+            reject_record(
+                buffer, record["seq"], record["op"], record["args"], err, delivery.tracking_uri
+            )
         (buffer / DELIVERED).write_text(str(record["seq"]))
-    return len(records)
+    return sent

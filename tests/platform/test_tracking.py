@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -81,3 +82,24 @@ def test_unreachable_server_never_blocks_and_buffer_syncs_later(tmp_path, sqlite
     (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 50
+
+
+def test_a_refused_record_is_left_out_and_the_rest_still_lands(tmp_path, sqlite_uri, caplog):
+    tracker = RunTracker(sqlite_uri, "exp", "run-r", buffer_dir=tmp_path / "buf", retry_interval=60)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.log_metrics({"bad|name": 2.0}, step=2)  # MLflow refuses this name (HTTP 400)
+    tracker.log_metrics({"loss": 0.5}, step=3)
+    tracker.set_tags({"after": "yes"})
+    # A retry would wait retry_interval (60 s): finishing within the timeout means no retry.
+    assert tracker.finish(timeout=30)
+
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [1, 3]
+    assert run.data.tags["after"] == "yes"
+    rejected = [json.loads(line) for line in (tmp_path / "buf" / "rejected.jsonl").open()]
+    assert [(r["op"], r["args"]["metrics"]) for r in rejected] == [("metrics", {"bad|name": 2.0})]
+    assert "bad|name" in rejected[0]["reason"]
+    assert pending_records(tmp_path / "buf") == []
+    assert any("refused the 'metrics' record" in message for message in caplog.messages)
