@@ -16,8 +16,10 @@ Writes are atomic. :class:`DatasetWriter` writes its shards into a temporary sib
 (``.NAME.tmp-XXXX`` next to the destination); on success a local dataset is published with one
 directory rename, an S3 dataset by copying the shards into place and writing ``dataset.json`` last
 (a location without ``dataset.json`` is not a dataset). Any exception removes everything written.
-An existing dataset is replaced only with ``overwrite=True``; on S3 the old dataset is removed just
-before the new one is copied in, as S3 has no atomic directory rename.
+An existing dataset is replaced only with ``overwrite=True``. S3 has no atomic directory rename:
+the old dataset is copied aside (server side) before it is removed and put back if the new one
+cannot be published, so a failed overwrite loses nothing, but readers during the swap find no
+``dataset.json`` for a moment.
 """
 
 from __future__ import annotations
@@ -526,29 +528,55 @@ class DatasetWriter:
             shutil.rmtree(old, ignore_errors=True)
 
     def _publish_copy(self, info: DatasetInfo) -> None:
-        """S3: remove an old dataset (manifest first), copy shards in, write the manifest last."""
+        """S3 (no rename): copy an old dataset aside, remove it (manifest first), copy the new
+        shards in and write the manifest last. On failure the copied shards are removed and the
+        old dataset is put back (manifest last), so nothing is lost; if even that fails, the
+        error names the copy aside."""
         self._check_destination()
-        old_manifest = posixpath.join(self._path, MANIFEST_NAME)
-        if self._exists(old_manifest) == pafs.FileType.File:
-            self._fs.delete_file(old_manifest)
+        backup: str | None = None
+        if self._exists(posixpath.join(self._path, MANIFEST_NAME)) == pafs.FileType.File:
+            parent, base = posixpath.split(self._path.rstrip("/"))
+            backup = posixpath.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
+            self._copy_files(self._path, backup, [])
+            self._fs.delete_file(posixpath.join(self._path, MANIFEST_NAME))
         if self._exists(self._path) == pafs.FileType.Directory:
             self._fs.delete_dir_contents(self._path, missing_dir_ok=True)
         copied: list[str] = []
         try:
-            for file_info in self._list(self._tmp):
-                if file_info.type != pafs.FileType.File:
-                    continue
-                relative = posixpath.relpath(file_info.path, self._tmp)
-                target = posixpath.join(self._path, relative)
-                self._fs.copy_file(file_info.path, target)
-                copied.append(target)
+            self._copy_files(self._tmp, self._path, copied)
             self._write_manifest(self._path, info)
-        except BaseException:
+        except BaseException as error:
             for target in copied:
                 with contextlib.suppress(OSError, pa.ArrowException):
                     self._fs.delete_file(target)
+            if backup is not None:
+                self._restore(backup, error)
             raise
         self._remove(self._tmp)
+        if backup is not None:
+            self._remove(backup)
+
+    def _copy_files(self, source: str, target: str, copied: list[str]) -> None:
+        """Copy every file below ``source`` to the same place below ``target`` (server side on
+        S3), ``dataset.json`` last; appends each written path to ``copied``."""
+        files = [info for info in self._list(source) if info.type == pafs.FileType.File]
+        files.sort(key=lambda info: posixpath.basename(info.path) == MANIFEST_NAME)
+        for file_info in files:
+            destination = posixpath.join(target, posixpath.relpath(file_info.path, source))
+            self._fs.copy_file(file_info.path, destination)
+            copied.append(destination)
+
+    def _restore(self, backup: str, error: BaseException) -> None:
+        """Put the old dataset copied to ``backup`` back after a failed replacement."""
+        try:
+            self._copy_files(backup, self._path, [])
+        except BaseException as restore_error:
+            raise DatasetError(
+                f"{self._where}: replacing the dataset failed ({error}) and so did putting the "
+                f"old one back ({restore_error}); the old dataset is kept at "
+                f"{dio.display_uri(self.uri, backup)}"
+            ) from error
+        self._remove(backup)
 
     def __enter__(self) -> DatasetWriter:
         return self

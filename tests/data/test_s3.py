@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from segplatform.data import (
     BadSampleError,
     DatasetError,
+    DatasetInfo,
+    DatasetWriter,
     decode_image,
     decode_mask,
     fsspec_filesystem,
@@ -33,6 +36,13 @@ def ray_local() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def read_bytes(path: str, options: dict) -> bytes:
+    """The content of the S3 object at ``path`` (``bucket/key``)."""
+    fs, _ = resolve(f"s3://{path}", options)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
 
 
 def listing(uri: str, options: dict) -> list[str]:
@@ -136,3 +146,30 @@ def test_read_ray_dataset_local_and_s3(
         assert read_ray_dataset(uri, "train", opts).count() == 5
     with pytest.raises(DatasetError, match="unknown split"):
         read_ray_dataset(str(tmp_path / "ds"), "test")
+
+
+class _FailsToPublish(DatasetWriter):
+    """Fault injection: the new manifest cannot be written (the S3 server refusing a PUT)."""
+
+    def _write_manifest(self, directory: str, info: DatasetInfo) -> None:
+        if not posixpath.basename(directory).startswith("."):  # the destination, not a temp dir
+            raise OSError("injected: PUT dataset.json refused")
+        super()._write_manifest(directory, info)
+
+
+def test_failed_overwrite_on_s3_puts_the_old_dataset_back(
+    s3_server, s3_prefix, tiny_dataset, make_sample
+) -> None:
+    options = s3_server.storage_options()
+    uri = f"{s3_prefix}/keep"
+    tiny_dataset(uri, splits={"train": 3, "val": 2}, storage_options=options, max_shard_bytes=1)
+    before = {path: read_bytes(path, options) for path in listing(uri, options)}
+    old = read_manifest(uri, options)
+    writer = _FailsToPublish(uri, old, overwrite=True, storage_options=options)
+    writer.add("train", make_sample(7))
+    with pytest.raises(OSError, match="injected"):
+        writer.close()
+    # The old dataset is back, byte for byte, and nothing else is left next to it.
+    assert {path: read_bytes(path, options) for path in listing(uri, options)} == before
+    assert validate_dataset(uri, options).splits == {"train": 3, "val": 2}
+    assert listing(s3_prefix, options) == sorted(before)
