@@ -428,12 +428,13 @@ def _config_from_args(
 
 def run_from_args(config: TrainConfig) -> int:
     """Train ``config`` and print where the results are; the exit status."""
+    from segplatform.data.format import DatasetError
     from segplatform.train.placement import ClusterFitError, SharedStorageError
-    from segplatform.train.run import best_checkpoint, run, storage_for
+    from segplatform.train.run import PlanError, best_checkpoint, run, storage_for
 
     try:
         result = run(config)
-    except (ClusterFitError, SharedStorageError) as err:
+    except (DatasetError, PlanError, ClusterFitError, SharedStorageError) as err:
         # Refused before anything started: a message, not a traceback.
         print(f"error: run {config.name} refused: {err}", file=sys.stderr)
         return 2

@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 GIT_COMMIT_ENV_VAR = "SEGPLATFORM_GIT_COMMIT"
 
 __all__ = [
+    "PlanError",
     "best_checkpoint",
     "build_plan",
+    "check_dataset",
     "check_placement",
     "ensure_ray",
     "git_commit",
@@ -193,43 +195,67 @@ def split_dataset(config: TrainConfig, split: str) -> Any:
     return dataset
 
 
-def build_plan(config: TrainConfig) -> dict[str, Any]:
-    """What every worker needs beyond the config (see the module docstring)."""
-    from segplatform.data.format import read_manifest
+class PlanError(ValueError):
+    """The config does not fit its dataset (splits, classes, rows, periods): nothing started."""
+
+
+def check_dataset(config: TrainConfig) -> Any:
+    """The dataset's manifest, checked against the config; before anything starts.
+
+    DatasetError when the dataset cannot be read (not a dataset, storage unreachable or
+    refusing the credentials), PlanError when the config does not fit it.
+    """
+    from segplatform.data.format import DatasetError, read_manifest
 
     if not config.data:
-        raise ValueError("TrainConfig.data: a dataset URI is required (e.g. --data DIR|s3://...)")
-    info = read_manifest(config.data, config.storage_options)
+        raise PlanError("TrainConfig.data: a dataset URI is required (e.g. --data DIR|s3://...)")
+    try:
+        info = read_manifest(config.data, config.storage_options)
+    except OSError as err:  # network, credentials, permissions
+        raise DatasetError(f"{config.data}: cannot read the dataset manifest: {err}") from err
     for field_name in ("train_split", "val_split"):
         split = getattr(config, field_name)
         if split not in info.splits:
-            raise ValueError(
+            raise PlanError(
                 f"TrainConfig.{field_name}: {config.data} has no split {split!r} "
                 f"(splits: {sorted(info.splits)})"
             )
-    num_classes = info.num_classes
     given = config.arch_params.get("num_classes")
-    if given is not None and given != num_classes:
-        raise ValueError(
-            f"TrainConfig.arch_params: num_classes={given} but {config.data} has {num_classes} "
-            f"classes {list(info.classes)}"
+    if given is not None and given != info.num_classes:
+        raise PlanError(
+            f"TrainConfig.arch_params: num_classes={given} but {config.data} has "
+            f"{info.num_classes} classes {list(info.classes)}"
         )
+    _iters_per_epoch(config, info)
+    return info
+
+
+def _iters_per_epoch(config: TrainConfig, info: Any) -> int:
+    """Optimizer steps per epoch of the train split; PlanError when not even one fits."""
     rows = info.splits[config.train_split]
     workers = max(config.num_workers, 1)  # local mode (0) runs one loop
     batches_per_worker = rows // workers // config.batch_size
     iters_per_epoch = batches_per_worker // config.grad_accum
     if iters_per_epoch < 1:
-        raise ValueError(
+        raise PlanError(
             f"{config.data}: split {config.train_split!r} has {rows} rows, too few for "
             f"{workers} workers × batch_size {config.batch_size} × grad_accum "
             f"{config.grad_accum} (one iteration needs "
             f"{workers * config.batch_size * config.grad_accum} rows)"
         )
+    return iters_per_epoch
+
+
+def build_plan(config: TrainConfig) -> dict[str, Any]:
+    """What every worker needs beyond the config (see the module docstring)."""
+    info = check_dataset(config)
+    num_classes = info.num_classes
+    iters_per_epoch = _iters_per_epoch(config, info)
     max_iters = config.max_iters or config.epochs * iters_per_epoch
     eval_every = config.eval_every or iters_per_epoch
     checkpoint_every = config.checkpoint_every or eval_every
     if checkpoint_every % eval_every:
-        raise ValueError(
+        raise PlanError(
             f"TrainConfig.checkpoint_every: {checkpoint_every} is not a multiple of the "
             f"evaluation period {eval_every} (eval_every; default: one epoch = "
             f"{iters_per_epoch} iterations)"
@@ -240,7 +266,7 @@ def build_plan(config: TrainConfig) -> dict[str, Any]:
     elif config.class_weights is not None:
         class_weights = [float(v) for v in config.class_weights]
         if len(class_weights) != num_classes:
-            raise ValueError(
+            raise PlanError(
                 f"TrainConfig.class_weights: {len(class_weights)} weights for {num_classes} "
                 f"classes of {config.data}"
             )
@@ -249,7 +275,7 @@ def build_plan(config: TrainConfig) -> dict[str, Any]:
     return {
         "dataset": info.to_json(),
         "num_classes": num_classes,
-        "train_rows": rows,
+        "train_rows": info.splits[config.train_split],
         "iters_per_epoch": iters_per_epoch,
         "max_iters": max_iters,
         "eval_every": eval_every,
@@ -354,7 +380,12 @@ def _wait_for_storage(filesystem: Any, path: str, timeout: float) -> None:
 
 
 def run(config: TrainConfig) -> Any:
-    """Train ``config`` on Ray Train; returns the ``ray.train.Result`` (see module docstring)."""
+    """Train ``config`` on Ray Train; returns the ``ray.train.Result`` (see module docstring).
+
+    Refused before anything starts (not even Ray): DatasetError, PlanError; after joining the
+    cluster: ClusterFitError, SharedStorageError.
+    """
+    check_dataset(config)  # fail fast, before Ray starts
     ensure_ray(config)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -68,3 +68,33 @@ def test_job_runs_one_tiny_iteration(
     assert len(checkpoints) == 1
     meta = json.loads((checkpoints[0] / "model" / "model.json").read_text())
     assert meta["architecture"] == arch and meta["extra"]["step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "{missing}"], "not a dataset: the location does not exist"),
+        (["--data", "{shapes}", "--train-split", "test"], "has no split 'test'"),
+        (["--data", "{shapes}", "--arch-param", "num_classes=7"], "num_classes=7 but"),
+        (["--data", "{shapes}", "--batch-size", "500"], "too few for 1 workers × batch_size 500"),
+    ],
+)
+def test_a_run_the_dataset_cannot_serve_is_refused_before_ray_starts(
+    argv: list[str],
+    message: str,
+    shapes_dataset: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import ray
+
+    module = _load(JOBS_DIR / "train_unet.py")
+    values = {"missing": str(tmp_path / "missing"), "shapes": shapes_dataset}
+    argv = [arg.format(**values) for arg in argv]
+    argv += ["--tiny", "--workers", "0", "--storage", str(tmp_path / "runs"), "--name", "refused"]
+    was_running = ray.is_initialized()
+    assert module.job_main(module.RECIPE, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run refused refused: ") and message in err, err
+    assert ray.is_initialized() == was_running  # no Ray cluster was started for it
+    assert not (tmp_path / "runs").exists()
