@@ -213,6 +213,12 @@ OPTIONS: tuple[tuple[str, tuple[_Option, ...]], ...] = (
                 {"type": _optional_str, "metavar": "{bf16,fp16,none}"},
                 "autocast dtype",
             ),
+            (
+                ("--channels-last",),
+                "channels_last",
+                {"action": argparse.BooleanOptionalAction},
+                "NHWC memory format for weights and images (default: on with --gpu)",
+            ),
         ),
     ),
     (

@@ -92,6 +92,7 @@ class TrainConfig:
     border_sigma: float = 5.0  # U-Net eq. 2 sigma (pixels)
     aux_weights: dict[str, float] | None = None  # overrides of model.loss_weights() entries
     amp: str | None = None  # autocast dtype: None (fp32), "bf16" or "fp16" (fp16: CUDA only)
+    channels_last: bool | None = None  # NHWC weights and inputs; None: on with use_gpu
     # ---- cluster -------------------------------------------------------------------------------
     num_workers: int = 2  # Ray Train workers; 0 = Ray Train local mode (the loop in this process)
     use_gpu: bool = False  # one GPU per worker, NCCL, SyncBatchNorm when num_workers > 1
@@ -329,6 +330,10 @@ class TrainConfig:
         raise ValueError(
             f"TrainConfig.mean: {len(mean)} values for a model with {in_channels} input channels"
         )
+
+    def resolved_channels_last(self) -> bool:
+        """NHWC memory format: explicit, else on with a GPU (tensor-core convolutions, AMP)."""
+        return self.use_gpu if self.channels_last is None else bool(self.channels_last)
 
     def resolved_cpus_per_worker(self) -> float:
         """CPUs per worker: explicit, else 0.5 on CPU (leaving CPU to Ray Data), 4 with a GPU."""

@@ -448,6 +448,14 @@ class _Trainer:
         # ---- model, optimizer, schedule ---------------------------------------------------------
         if cfg.use_gpu and self.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # NHWC: convolutions run on tensor cores without layout transposes (instance models
+        # take lists of images of different sizes and keep the default layout).
+        self.memory_format = (
+            torch.channels_last
+            if cfg.resolved_channels_last() and not self.instance
+            else torch.contiguous_format
+        )
+        model = model.to(memory_format=self.memory_format)
         self.model = ray.train.torch.prepare_model(  # [ray] to device + DDP when world_size > 1
             model,
             parallel_strategy_kwargs={"find_unused_parameters": self.instance},
@@ -715,6 +723,7 @@ class _Trainer:
             losses = self.model(list(images), targets)  # torchvision detection loss dict
             total = sum(self.loss_weights.get(k, 1.0) * v for k, v in losses.items())
             return total, {k: float(v.detach()) for k, v in losses.items()}
+        images = images.contiguous(memory_format=self.memory_format)
         outputs = self.model(images)  # {"out": (N, K, h, w), aux...}
         return total_loss(
             outputs,

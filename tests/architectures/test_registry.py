@@ -117,6 +117,24 @@ def test_training_gives_every_trainable_parameter_a_finite_gradient(name: str) -
 
 
 @pytest.mark.parametrize("name", SEMANTIC_NAMES)
+def test_channels_last_gives_the_same_logits_and_gradients(name: str) -> None:
+    # Training with channels_last (NHWC) must compute the same network: every layer accepts the
+    # layout (max-unpooling indices, pyramid pooling, crops) and gives the same numbers.
+    images = _images(64, 64)
+    grads = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model = _tiny_model(name).eval().to(memory_format=memory_format)  # eval: no dropout
+        outputs = model(images.contiguous(memory_format=memory_format))
+        _loss(outputs, {"out": 1.0}).backward()
+        grads.append((outputs["out"].detach(), [p.grad for p in model.parameters()]))
+    (reference, reference_grads), (logits, logits_grads) = grads
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    for expected, got in zip(reference_grads, logits_grads, strict=True):
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SEMANTIC_NAMES)
 def test_auxiliary_outputs_only_in_training_and_only_when_enabled(name: str) -> None:
     config_cls, _ = ARCHITECTURES[name]
     field_names = {f.name for f in dataclasses.fields(config_cls)}

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 import architectures
 
@@ -98,3 +99,23 @@ def test_a_run_the_dataset_cannot_serve_is_refused_before_ray_starts(
     assert err.startswith("error: run refused refused: ") and message in err, err
     assert ray.is_initialized() == was_running  # no Ray cluster was started for it
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_channels_last_training_writes_a_package_that_loads(
+    ray_cluster: None, shapes_dataset: str, storage: str
+) -> None:
+    from segplatform.package import load_package
+
+    module = _load(JOBS_DIR / "train_segnet.py")  # max-unpooling indices in NHWC
+    argv = [
+        "--data", shapes_dataset, "--tiny", "--workers", "0", "--max-iters", "1",
+        "--storage", storage, "--name", "nhwc", "--channels-last", "--set", "overlay_samples=0",
+    ]  # fmt: skip
+    assert module.job_main(module.RECIPE, argv) == 0
+    (checkpoint,) = (Path(storage) / "nhwc").glob("checkpoint_step00000001_*")
+    model, meta = load_package(checkpoint / "model")
+    assert meta.architecture == "segnet"
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, 32, 32))["out"]
+    assert logits.shape == (1, len(meta.classes), 32, 32) and torch.isfinite(logits).all()
