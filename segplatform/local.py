@@ -58,14 +58,13 @@ from typing import Any
 import psutil
 
 from segplatform.services.mlflow_server import MLflowServer
-from segplatform.services.ray_head import (
-    RayHead,
-    RayHeadError,
+from segplatform.services.process import (
     kill_processes,
     port_is_open,
     processes_marked,
     terminate_process_group,
 )
+from segplatform.services.ray_head import RayHead, RayHeadError
 from segplatform.services.ray_node import RayNodeError, RayWorkerNode
 
 # Environment variable naming the state directory when --state-dir is not given.
@@ -177,12 +176,7 @@ class LocalPlatform:
 
     def env(self) -> dict[str, str]:
         """The client variables of the running platform (LocalPlatformError if it is not up)."""
-        state = self.read_state()
-        if state is None:
-            raise LocalPlatformError(
-                f"the local platform is not up in {self.state_dir}; run `segplatform local up`"
-            )
-        return dict(state["env"])
+        return dict(self._running_state()["env"])
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -540,6 +534,7 @@ class LocalPlatform:
             return record
 
     def _running_state(self) -> dict[str, Any]:
+        """``state.json`` (with a ``ray_nodes`` list); LocalPlatformError when not up."""
         state = self.read_state()
         if state is None:
             raise LocalPlatformError(

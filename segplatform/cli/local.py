@@ -9,8 +9,10 @@ directory. See ``segplatform.local``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 
 _EXAMPLE_UP = (
     "Example:\n"
@@ -31,17 +33,32 @@ _EXAMPLE_NODE = (
 )
 
 
+def _reports_platform_errors(
+    command: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """``command`` with a LocalPlatformError printed as ``error: MESSAGE`` on stderr (exit 1)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from segplatform.local import LocalPlatformError
+
+        try:
+            return command(args)
+        except LocalPlatformError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_reports_platform_errors
 def _up(args: argparse.Namespace) -> int:
-    from segplatform.local import LocalPlatform, LocalPlatformError, format_exports, print_lines
+    from segplatform.local import LocalPlatform, format_exports, print_lines
 
     platform = LocalPlatform(args.state_dir)
-    try:
-        state, started = platform.up(
-            num_cpus=args.num_cpus, nodes=args.nodes, timeout=args.timeout, log=print_lines
-        )
-    except LocalPlatformError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    state, started = platform.up(
+        num_cpus=args.num_cpus, nodes=args.nodes, timeout=args.timeout, log=print_lines
+    )
     exports = format_exports(state["env"])
     if args.print_env:
         if not started:
@@ -79,16 +96,13 @@ def _state_dir_flag(args: argparse.Namespace) -> str:
     return f" --state-dir {args.state_dir}" if args.state_dir else ""
 
 
+@_reports_platform_errors
 def _status(args: argparse.Namespace) -> int:
-    from segplatform.local import LocalPlatform, LocalPlatformError
+    from segplatform.local import LocalPlatform
 
     platform = LocalPlatform(args.state_dir)
-    try:
-        statuses = platform.status()
-        nodes = platform.nodes() if statuses is not None else None
-    except LocalPlatformError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    statuses = platform.status()
+    nodes = platform.nodes() if statuses is not None else None
     if statuses is None:
         if args.json:
             print(json.dumps({"state_dir": str(platform.state_dir), "up": False}))
@@ -124,58 +138,43 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+@_reports_platform_errors
 def _down(args: argparse.Namespace) -> int:
-    from segplatform.local import LocalPlatform, LocalPlatformError, print_lines
+    from segplatform.local import LocalPlatform, print_lines
 
     platform = LocalPlatform(args.state_dir)
-    try:
-        was_up = platform.down(log=print_lines)
-    except LocalPlatformError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if was_up:
+    if platform.down(log=print_lines):
         print(f"the local platform in {platform.state_dir} is stopped")
     else:
         print(f"the local platform is not up in {platform.state_dir}")
     return 0
 
 
+@_reports_platform_errors
 def _node_add(args: argparse.Namespace) -> int:
-    from segplatform.local import LocalPlatform, LocalPlatformError, print_lines
+    from segplatform.local import LocalPlatform, print_lines
 
-    try:
-        record = LocalPlatform(args.state_dir).add_node(
-            num_cpus=args.num_cpus, num_gpus=args.num_gpus, timeout=args.timeout, log=print_lines
-        )
-    except LocalPlatformError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    record = LocalPlatform(args.state_dir).add_node(
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus, timeout=args.timeout, log=print_lines
+    )
     print(f"{record['name']} {record['node_id']}")
     return 0
 
 
+@_reports_platform_errors
 def _node_remove(args: argparse.Namespace) -> int:
-    from segplatform.local import LocalPlatform, LocalPlatformError, print_lines
+    from segplatform.local import LocalPlatform, print_lines
 
-    try:
-        record = LocalPlatform(args.state_dir).remove_node(
-            args.node, force=args.force, log=print_lines
-        )
-    except LocalPlatformError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    record = LocalPlatform(args.state_dir).remove_node(args.node, force=args.force, log=print_lines)
     print(f"{record['name']} {record.get('node_id') or '-'} removed")
     return 0
 
 
+@_reports_platform_errors
 def _env(args: argparse.Namespace) -> int:
-    from segplatform.local import LocalPlatform, LocalPlatformError, format_exports
+    from segplatform.local import LocalPlatform, format_exports
 
-    try:
-        print(format_exports(LocalPlatform(args.state_dir).env()))
-    except LocalPlatformError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    print(format_exports(LocalPlatform(args.state_dir).env()))
     return 0
 
 
@@ -195,20 +194,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EXAMPLE_UP,
     )
     commands = local.add_subparsers(dest="local_command", metavar="COMMAND", required=True)
+    # Every command takes --state-dir (first among its options).
+    state_dir = argparse.ArgumentParser(add_help=False)
+    state_dir.add_argument(
+        "--state-dir",
+        help="directory holding all state (default: $SEGPLATFORM_HOME, else ./.segplatform)",
+    )
 
-    def add_state_dir(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--state-dir",
-            help="directory holding all state (default: $SEGPLATFORM_HOME, else ./.segplatform)",
+    def add_command(
+        group: argparse._SubParsersAction,
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        *,
+        help: str,
+        epilog: str,
+    ) -> argparse.ArgumentParser:
+        parser = group.add_parser(
+            name, help=help, formatter_class=HelpFormatter, epilog=epilog, parents=[state_dir]
         )
+        parser.set_defaults(func=func)
+        return parser
 
-    up = commands.add_parser(
+    up = add_command(
+        commands,
         "up",
+        _up,
         help="start the Ray head, the MLflow server and the S3 server",
-        formatter_class=HelpFormatter,
         epilog=_EXAMPLE_UP,
     )
-    add_state_dir(up)
     up.add_argument(
         "--nodes",
         type=_positive_int,
@@ -226,26 +239,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help='print only the export lines, for eval "$(segplatform local up --print-env)"',
     )
-    up.set_defaults(func=_up)
 
-    status = commands.add_parser(
+    status = add_command(
+        commands,
         "status",
+        _status,
         help="check each service (exit 0 healthy, 1 unhealthy, 3 not up)",
-        formatter_class=HelpFormatter,
         epilog="Example:\n  segplatform local status --json\n",
     )
-    add_state_dir(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=_status)
 
-    down = commands.add_parser(
+    add_command(
+        commands,
         "down",
+        _down,
         help="stop every service (data stays in the state dir)",
-        formatter_class=HelpFormatter,
         epilog="Example:\n  segplatform local down --state-dir /tmp/segplatform\n",
     )
-    add_state_dir(down)
-    down.set_defaults(func=_down)
 
     node = commands.add_parser(
         "node",
@@ -254,42 +264,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EXAMPLE_NODE,
     )
     node_commands = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
-    add = node_commands.add_parser(
+    add = add_command(
+        node_commands,
         "add",
+        _node_add,
         help="start one more Ray node that joins the head (prints its name and node id)",
-        formatter_class=HelpFormatter,
         epilog=_EXAMPLE_NODE,
     )
-    add_state_dir(add)
     add.add_argument(
         "--num-cpus", type=_positive_int, help="logical CPUs of the node (default: the head's)"
     )
     add.add_argument("--num-gpus", type=int, help="GPUs of the node (default: detected)")
     add.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the join")
-    add.set_defaults(func=_node_add)
-    remove = node_commands.add_parser(
+    remove = add_command(
+        node_commands,
         "remove",
+        _node_remove,
         help="stop a Ray worker node and every process it started",
-        formatter_class=HelpFormatter,
         epilog=_EXAMPLE_NODE,
     )
-    add_state_dir(remove)
     remove.add_argument("node", metavar="NODE", help="node name (node-1) or node id (prefix)")
     remove.add_argument(
         "--force",
         action="store_true",
         help="kill the node at once (a crash) instead of letting it drain and leave",
     )
-    remove.set_defaults(func=_node_remove)
 
-    env = commands.add_parser(
+    add_command(
+        commands,
         "env",
+        _env,
         help="print the export lines of the running platform",
-        formatter_class=HelpFormatter,
         epilog='Example:\n  eval "$(segplatform local env)"\n',
     )
-    add_state_dir(env)
-    env.set_defaults(func=_env)
 
 
 def _positive_int(text: str) -> int:

@@ -17,23 +17,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from segplatform.services.ray_head import (
+from segplatform.services.process import (
     INSTANCE_ENV_VAR,
-    free_port,
+    ServiceProcess,
     port_is_open,
+    send_signal,
     terminate_process_group,
+    venv_executable,
+    wait_while,
 )
+from segplatform.services.ray_head import free_port
 
 
 class MLflowServerError(RuntimeError):
@@ -63,8 +63,7 @@ class MLflowServer:
         self.db_path = self.root_dir / "mlflow.db"
         self.log_path = self.root_dir / "mlflow.log"
         self.pid: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
+        self._service = ServiceProcess(self.log_path, tail_lines=30)
 
     @property
     def tracking_uri(self) -> str:
@@ -74,9 +73,8 @@ class MLflowServer:
         return f"http://{self.host}:{self.port}"
 
     def _command(self) -> list[str]:
-        mlflow_cli = Path(sys.executable).with_name("mlflow")
         return [
-            str(mlflow_cli) if mlflow_cli.exists() else "mlflow",
+            venv_executable("mlflow"),
             "server",
             "--backend-store-uri",
             f"sqlite:///{self.db_path}",
@@ -92,7 +90,7 @@ class MLflowServer:
 
     def launch(self) -> MLflowServer:
         """Start the server process without waiting; ``wait_ready`` waits."""
-        if self._process is not None and self._process.poll() is None:
+        if self._service.running():
             return self
         self.root_dir.mkdir(parents=True, exist_ok=True)
         if not self.artifacts_destination.partition("://")[1]:
@@ -104,37 +102,23 @@ class MLflowServer:
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         if self.marker:
             env[INSTANCE_ENV_VAR] = self.marker
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._process = subprocess.Popen(
-            self._command(),
-            cwd=self.root_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() signals the whole group
-        )
-        self.pid = self._process.pid
+        self.pid = self._service.launch(self._command(), cwd=self.root_dir, env=env)
         return self
 
     def wait_ready(self, timeout: float = 90.0) -> MLflowServer:
         """Wait for ``GET /health``; MLflowServerError with the log tail if it never answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                tail = self._log_tail()
-                self.stop()
-                raise MLflowServerError(
-                    f"mlflow server exited during start-up; log {self.log_path}:\n{tail}"
-                )
-            if self.healthy():
-                return self
-            time.sleep(0.3)
-        tail = self._log_tail()
-        self.stop()
-        raise MLflowServerError(
-            f"mlflow server did not answer /health within {timeout} s; log {self.log_path}:\n{tail}"
+        self._service.wait_ready(
+            self.healthy,
+            timeout=timeout,
+            poll_interval=0.3,
+            stop=self.stop,
+            error=MLflowServerError,
+            exited=f"mlflow server exited during start-up; log {self.log_path}",
+            timed_out=(
+                f"mlflow server did not answer /health within {timeout} s; log {self.log_path}"
+            ),
         )
+        return self
 
     def start(self, timeout: float = 90.0) -> MLflowServer:
         """``launch()`` then ``wait_ready()``."""
@@ -152,8 +136,8 @@ class MLflowServer:
 
     def is_alive(self) -> bool:
         """Whether the server's process (group leader) runs."""
-        if self._process is not None:
-            return self._process.poll() is None
+        if self._service.popen is not None:
+            return self._service.running()
         if self.pid is None:
             return False
         try:
@@ -167,29 +151,14 @@ class MLflowServer:
         closed (``mlflow server`` itself idles ~5 s after its uvicorn child has exited) or after
         ``timeout``."""
         if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while (
-                time.monotonic() < deadline
-                and self.port is not None
-                and port_is_open(self.host, self.port)
-            ):
-                time.sleep(0.1)
+            send_signal(self.pid, signal.SIGTERM, group=True)
+            wait_while(
+                lambda: self.port is not None and port_is_open(self.host, self.port),
+                timeout,
+                0.1,
+            )
             terminate_process_group(self.pid, timeout=2.0)
-        if self._process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=5)
-            self._process = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        self._service.release()
 
     def to_record(self) -> dict[str, Any]:
         """What ``from_record`` needs to find and stop this server from another process."""

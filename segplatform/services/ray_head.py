@@ -28,25 +28,55 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from segplatform.services.process import (
+    INSTANCE_ENV_VAR,
+    ServiceProcess,
+    kill_processes,
+    marked_process_alive,
+    port_is_open,
+    processes_marked,
+    send_signal,
+    terminate_process_group,
+    venv_executable,
+    wait_while,
+)
+
+# Names of ``segplatform.services.process`` that other modules import from here are listed too.
+__all__ = [
+    "INSTANCE_ENV_VAR",
+    "MAX_TEMP_DIR_LENGTH",
+    "WORKER_PORT_RANGE",
+    "RayHead",
+    "RayHeadError",
+    "free_port",
+    "kill_processes",
+    "port_is_open",
+    "processes_marked",
+    "ray_ports",
+    "ray_start_command",
+    "ray_start_env",
+    "ray_temp_dir",
+    "remove_ray_temp_dir",
+    "stop_ray_start",
+    "terminate_process_group",
+]
 
 # Ray's default worker port range: the GCS port must lie outside it.
 WORKER_PORT_RANGE = range(10002, 20000)
 # Longest Ray temp dir path that keeps the session's unix socket paths under 107 bytes
 # (``<temp>/session_YYYY-MM-DD_HH-MM-SS_ffffff_PID/sockets/plasma_store`` adds ~70 bytes).
 MAX_TEMP_DIR_LENGTH = 36
-# Environment variable that marks every process started for one ``RayHead`` (see stop()).
-INSTANCE_ENV_VAR = "SEGPLATFORM_INSTANCE"
 
 
 class RayHeadError(RuntimeError):
@@ -65,69 +95,91 @@ def free_port(host: str = "127.0.0.1", exclude: set[int] | range | None = None) 
     raise RayHeadError(f"no free port found on {host} outside the excluded ports")
 
 
-def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Whether something accepts TCP connections on ``host:port``."""
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-        return True
-    return False
+def ray_ports(host: str, names: Iterable[str]) -> dict[str, int]:
+    """A distinct free port on ``host`` for each of ``names``, all outside ``WORKER_PORT_RANGE``."""
+    ports: dict[str, int] = {}
+    for name in names:
+        ports[name] = free_port(host, exclude=set(ports.values()) | set(WORKER_PORT_RANGE))
+    return ports
 
 
-def processes_marked(marker_prefix: str, paths: tuple[str, ...] = ()) -> list[psutil.Process]:
-    """This user's processes whose environment has ``INSTANCE_ENV_VAR`` starting with
-    ``marker_prefix`` or whose command line mentions one of ``paths``.
-
-    The current process and its ancestors are never returned (a shell that ran
-    ``segplatform local down --state-dir DIR`` mentions the path too).
-    """
-    protected = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
-    found = []
-    for process in psutil.process_iter(["pid", "uids"]):
-        if process.pid in protected:
-            continue
-        with contextlib.suppress(psutil.Error, OSError):
-            if process.info["uids"] is not None and process.info["uids"].real != os.getuid():
-                continue
-            environ = psutil.Process(process.pid).environ()
-            if environ.get(INSTANCE_ENV_VAR, "").startswith(marker_prefix):
-                found.append(process)
-                continue
-            cmdline = " ".join(process.cmdline())
-            if any(path and path in cmdline for path in paths):
-                found.append(process)
-    return found
+def ray_start_command(
+    options: list[str], *, temp_dir: Path | None, num_cpus: int | None, num_gpus: int | None = None
+) -> list[str]:
+    """``ray start OPTIONS`` with random worker ports, ``temp_dir`` as Ray's temp dir, usage stats
+    off, and ``--num-cpus`` / ``--num-gpus`` when given."""
+    command = [
+        venv_executable("ray"),
+        "start",
+        *options,
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        command.append(f"--num-gpus={num_gpus}")
+    return command
 
 
-def terminate_process_group(
-    pgid: int, timeout: float = 15.0, first_signal: int = signal.SIGTERM
+def ray_temp_dir(state_dir: Path, prefix: str) -> Path:
+    """``state_dir/tmp`` when its path is short enough for Ray's unix sockets, else a new
+    ``/tmp/<prefix>*`` directory."""
+    candidate = state_dir / "tmp"
+    if len(str(candidate)) <= MAX_TEMP_DIR_LENGTH:
+        candidate.mkdir(parents=True, exist_ok=True)
+        return candidate
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def remove_ray_temp_dir(temp_dir: Path | None, state_dir: Path) -> None:
+    """Remove a temp dir ``ray_temp_dir`` made under /tmp (one inside ``state_dir`` stays)."""
+    if temp_dir is not None and not temp_dir.is_relative_to(state_dir):
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_start_env(
+    extra_env: dict[str, str], *, token_path: Path, address: str, marker: str
+) -> dict[str, str]:
+    """The environment of a ``ray start`` process: ours without ``RAY_*`` variables, plus
+    ``extra_env``, the venv's ``bin`` first on PATH, token authentication with ``token_path``,
+    usage stats off, ``RAY_ADDRESS=address`` and the instance marker."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("RAY_") and key != INSTANCE_ENV_VAR
+    }
+    env.update(extra_env)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Workers inherit it: Ray code that looks its cluster up (e.g. Ray Train's placement
+    # group cleaner) would otherwise find every cluster on the machine and give up.
+    env["RAY_ADDRESS"] = address
+    env[INSTANCE_ENV_VAR] = marker
+    return env
+
+
+def stop_ray_start(
+    service: ServiceProcess,
+    pid: int | None,
+    *,
+    first_signal: int | None,
+    alive: Callable[[], bool],
+    timeout: float,
 ) -> None:
-    """Send ``first_signal`` to process group ``pgid``, wait for it to empty, then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, first_signal)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _group_alive(pgid):
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _group_alive(pgid: int) -> bool:
-    for process in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                return True
-    return False
-
-
-def kill_processes(processes: list[psutil.Process], timeout: float = 10.0) -> None:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL what is left."""
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(alive, timeout=5)
+    """Stop a ``ray start --block`` process: send ``first_signal`` to it while it runs (None:
+    skip this orderly step) and wait up to ``timeout`` s for it to exit, then terminate its
+    process group and reap it."""
+    if first_signal is not None and pid is not None and alive():
+        send_signal(pid, first_signal)
+        wait_while(alive, timeout, 0.2)
+    if pid is not None:
+        terminate_process_group(pid, timeout=5.0)
+    service.release()
 
 
 class RayHead:
@@ -155,8 +207,7 @@ class RayHead:
         self.temp_dir: Path | None = None
         self.ports: dict[str, int] = {}
         self.pid: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
+        self._service = ServiceProcess(self.log_path, tail_lines=40)
 
     # ------------------------------------------------------------------------------ addresses
     @property
@@ -187,13 +238,6 @@ class RayHead:
         }
 
     # ------------------------------------------------------------------------------ lifecycle
-    def _choose_temp_dir(self) -> Path:
-        candidate = self.state_dir / "tmp"
-        if len(str(candidate)) <= MAX_TEMP_DIR_LENGTH:
-            candidate.mkdir(parents=True, exist_ok=True)
-            return candidate
-        return Path(tempfile.mkdtemp(prefix="segp-ray-", dir="/tmp"))
-
     def _write_token(self) -> None:
         if self.token_path.exists() and self.token_path.read_text().strip():
             return
@@ -202,10 +246,7 @@ class RayHead:
             handle.write(secrets.token_hex(32))
 
     def _command(self) -> list[str]:
-        ray_cli = Path(sys.executable).with_name("ray")
-        command = [
-            str(ray_cli) if ray_cli.exists() else "ray",
-            "start",
+        options = [
             "--head",
             "--block",
             f"--node-ip-address={self.host}",
@@ -215,74 +256,38 @@ class RayHead:
             f"--dashboard-port={self.ports['dashboard']}",
             f"--dashboard-agent-listen-port={self.ports['dashboard_agent']}",
             f"--ray-client-server-port={self.ports['client']}",
-            "--min-worker-port=0",
-            "--max-worker-port=0",
-            f"--temp-dir={self.temp_dir}",
-            "--disable-usage-stats",
         ]
-        if self.num_cpus is not None:
-            command.append(f"--num-cpus={self.num_cpus}")
-        return command
-
-    def _child_env(self) -> dict[str, str]:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("RAY_") or key == "RAY_USAGE_STATS_ENABLED"
-        }
-        venv_bin = str(Path(sys.executable).parent)
-        env.update(self.extra_env)
-        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
-        env["RAY_AUTH_MODE"] = "token"
-        env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
-        # Workers inherit it: Ray code that looks its cluster up (e.g. Ray Train's placement
-        # group cleaner) would otherwise find every cluster on the machine and give up.
-        env["RAY_ADDRESS"] = f"{self.host}:{self.ports['gcs']}"
-        env[INSTANCE_ENV_VAR] = self.marker
-        return env
+        return ray_start_command(options, temp_dir=self.temp_dir, num_cpus=self.num_cpus)
 
     def launch(self) -> RayHead:
         """Start ``ray start --head --block`` without waiting; ``wait_ready`` waits."""
-        if self._process is not None and self._process.poll() is None:
+        if self._service.running():
             return self
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._write_token()
-        self.temp_dir = self._choose_temp_dir()
-        used: set[int] = set()
-        for name in ("gcs", "dashboard", "dashboard_agent", "client"):
-            port = free_port(self.host, exclude=used | set(WORKER_PORT_RANGE))
-            used.add(port)
-            self.ports[name] = port
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._process = subprocess.Popen(
-            self._command(),
-            cwd=self.state_dir,
-            env=self._child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group and session
+        self.temp_dir = ray_temp_dir(self.state_dir, "segp-ray-")
+        self.ports.update(ray_ports(self.host, ("gcs", "dashboard", "dashboard_agent", "client")))
+        env = ray_start_env(
+            self.extra_env,
+            token_path=self.token_path,
+            address=f"{self.host}:{self.ports['gcs']}",
+            marker=self.marker,
         )
-        self.pid = self._process.pid
+        self.pid = self._service.launch(self._command(), cwd=self.state_dir, env=env)
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> RayHead:
         """Wait until the job server answers an authenticated request; RayHeadError if not."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                tail = self._log_tail()
-                self.stop()
-                raise RayHeadError(
-                    f"ray start exited during start-up; log {self.log_path}:\n{tail}"
-                )
-            if self.healthy():
-                return self
-            time.sleep(0.5)
-        tail = self._log_tail()
-        self.stop()
-        raise RayHeadError(f"the Ray head was not ready after {timeout} s; log:\n{tail}")
+        self._service.wait_ready(
+            self.healthy,
+            timeout=timeout,
+            poll_interval=0.5,
+            stop=self.stop,
+            error=RayHeadError,
+            exited=f"ray start exited during start-up; log {self.log_path}",
+            timed_out=f"the Ray head was not ready after {timeout} s; log",
+        )
+        return self
 
     def start(self, timeout: float = 120.0) -> RayHead:
         """``launch()`` then ``wait_ready()``."""
@@ -327,16 +332,9 @@ class RayHead:
 
     def is_alive(self) -> bool:
         """Whether the ``ray start --block`` process runs."""
-        if self._process is not None:
-            return self._process.poll() is None
-        if self.pid is None:
-            return False
-        with contextlib.suppress(psutil.Error):
-            process = psutil.Process(self.pid)
-            return process.status() != psutil.STATUS_ZOMBIE and self.instance_marker_matches(
-                process
-            )
-        return False
+        if self._service.popen is not None:
+            return self._service.running()
+        return self.pid is not None and marked_process_alive(self.pid, self.marker)
 
     def instance_marker_matches(self, process: psutil.Process) -> bool:
         """Whether ``process`` was started for this head (guards against reused pids)."""
@@ -351,32 +349,16 @@ class RayHead:
         group is killed, and finally any process still carrying this head's instance marker or
         temp dir (job drivers, workers that left the group) is killed too.
         """
-        if self.pid is not None and self.is_alive():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.pid, signal.SIGINT)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.is_alive():
-                time.sleep(0.2)
-            terminate_process_group(self.pid, timeout=5.0)
-        elif self.pid is not None:
-            terminate_process_group(self.pid, timeout=5.0)
-        if self._process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=5)
+        stop_ray_start(
+            self._service,
+            self.pid,
+            first_signal=signal.SIGINT,
+            alive=self.is_alive,
+            timeout=timeout,
+        )
         paths = (str(self.temp_dir),) if self.temp_dir is not None else ()
         kill_processes(processes_marked(self.marker, paths))
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        self._process = None
-        if self.temp_dir is not None and not self.temp_dir.is_relative_to(self.state_dir):
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def _log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        remove_ray_temp_dir(self.temp_dir, self.state_dir)
 
     # ------------------------------------------------------------------------------ records
     def to_record(self) -> dict[str, Any]:

@@ -24,25 +24,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from segplatform.services.ray_head import (
-    INSTANCE_ENV_VAR,
-    MAX_TEMP_DIR_LENGTH,
-    WORKER_PORT_RANGE,
-    free_port,
+from segplatform.services.process import (
+    ServiceProcess,
     kill_processes,
+    marked_process_alive,
     processes_marked,
-    terminate_process_group,
+    send_signal,
+)
+from segplatform.services.ray_head import (
+    ray_ports,
+    ray_start_command,
+    ray_start_env,
+    ray_temp_dir,
+    remove_ray_temp_dir,
+    stop_ray_start,
 )
 
 # Ports a worker node binds besides its workers' (names as in ``to_record()["ports"]``).
@@ -93,23 +95,12 @@ class RayWorkerNode:
         self.ports: dict[str, int] = {}
         self.pid: int | None = None
         self.node_id: str | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
+        self._service = ServiceProcess(self.log_path, tail_lines=40)
         self._launched_at = 0.0  # time.time() of launch()
 
     # ------------------------------------------------------------------------------ start
-    def _choose_temp_dir(self) -> Path:
-        candidate = self.state_dir / "tmp"
-        if len(str(candidate)) <= MAX_TEMP_DIR_LENGTH:
-            candidate.mkdir(parents=True, exist_ok=True)
-            return candidate
-        return Path(tempfile.mkdtemp(prefix="segp-node-", dir="/tmp"))
-
     def _command(self) -> list[str]:
-        ray_cli = Path(sys.executable).with_name("ray")
-        command = [
-            str(ray_cli) if ray_cli.exists() else "ray",
-            "start",
+        options = [
             "--block",
             f"--address={self.gcs_address}",
             f"--node-ip-address={self.host}",
@@ -119,59 +110,25 @@ class RayWorkerNode:
             f"--dashboard-agent-grpc-port={self.ports['dashboard_agent_grpc']}",
             f"--runtime-env-agent-port={self.ports['runtime_env_agent']}",
             f"--metrics-export-port={self.ports['metrics_export']}",
-            "--min-worker-port=0",
-            "--max-worker-port=0",
-            f"--temp-dir={self.temp_dir}",
-            "--disable-usage-stats",
         ]
-        if self.num_cpus is not None:
-            command.append(f"--num-cpus={self.num_cpus}")
-        if self.num_gpus is not None:
-            command.append(f"--num-gpus={self.num_gpus}")
-        return command
-
-    def _child_env(self) -> dict[str, str]:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("RAY_") and key != INSTANCE_ENV_VAR
-        }
-        env.update(self.extra_env)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env["RAY_AUTH_MODE"] = "token"
-        env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
-        # Workers inherit it, so Ray code that looks its cluster up finds this one (not every
-        # cluster on the machine).
-        env["RAY_ADDRESS"] = self.gcs_address
-        env[INSTANCE_ENV_VAR] = self.marker
-        return env
+        return ray_start_command(
+            options, temp_dir=self.temp_dir, num_cpus=self.num_cpus, num_gpus=self.num_gpus
+        )
 
     def launch(self) -> RayWorkerNode:
         """Start ``ray start --address ... --block`` without waiting; ``wait_joined`` waits."""
-        if self._process is not None and self._process.poll() is None:
+        if self._service.running():
             return self
         if not self.token_path.is_file():
             raise RayNodeError(f"{self.name}: the head's token file {self.token_path} is missing")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.temp_dir = self._choose_temp_dir()
-        used: set[int] = set()
-        for port_name in NODE_PORT_NAMES:
-            port = free_port(self.host, exclude=used | set(WORKER_PORT_RANGE))
-            used.add(port)
-            self.ports[port_name] = port
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._launched_at = time.time()
-        self._process = subprocess.Popen(
-            self._command(),
-            cwd=self.state_dir,
-            env=self._child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group and session
+        self.temp_dir = ray_temp_dir(self.state_dir, "segp-node-")
+        self.ports.update(ray_ports(self.host, NODE_PORT_NAMES))
+        env = ray_start_env(
+            self.extra_env, token_path=self.token_path, address=self.gcs_address, marker=self.marker
         )
-        self.pid = self._process.pid
+        self._launched_at = time.time()
+        self.pid = self._service.launch(self._command(), cwd=self.state_dir, env=env)
         return self
 
     def find_node_id(self) -> str | None:
@@ -191,43 +148,35 @@ class RayWorkerNode:
     def wait_joined(self, cluster_nodes: Any, timeout: float = 90.0) -> RayWorkerNode:
         """Wait until the node is ALIVE in ``cluster_nodes()`` (a list of state-API node dicts);
         RayNodeError (after stopping the node) if it exits or does not join in ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.is_alive():
-                tail = self.log_tail()
-                self.stop()
-                raise RayNodeError(
-                    f"{self.name}: ray start exited before the node joined; log "
-                    f"{self.log_path}:\n{tail}"
-                )
-            self.node_id = self.node_id or self.find_node_id()
-            if self.node_id is not None:
-                with contextlib.suppress(Exception):
-                    states = {node["node_id"]: node["state"] for node in cluster_nodes()}
-                    if states.get(self.node_id) == "ALIVE":
-                        return self
-            time.sleep(0.5)
-        tail = self.log_tail()
-        self.stop()
-        raise RayNodeError(
-            f"{self.name}: the node did not join {self.gcs_address} within {timeout} s; log:\n"
-            f"{tail}"
+        self._service.wait_ready(
+            lambda: self._joined(cluster_nodes),
+            timeout=timeout,
+            poll_interval=0.5,
+            stop=self.stop,
+            error=RayNodeError,
+            exited=f"{self.name}: ray start exited before the node joined; log {self.log_path}",
+            timed_out=(
+                f"{self.name}: the node did not join {self.gcs_address} within {timeout} s; log"
+            ),
+            has_exited=lambda: not self.is_alive(),
         )
+        return self
+
+    def _joined(self, cluster_nodes: Any) -> bool:
+        """Whether the cluster counts this node ALIVE (False while its id is unknown)."""
+        self.node_id = self.node_id or self.find_node_id()
+        if self.node_id is not None:
+            with contextlib.suppress(Exception):
+                states = {node["node_id"]: node["state"] for node in cluster_nodes()}
+                return states.get(self.node_id) == "ALIVE"
+        return False
 
     # ------------------------------------------------------------------------------ state
     def is_alive(self) -> bool:
         """Whether the ``ray start --block`` process of this node runs."""
-        if self._process is not None:
-            return self._process.poll() is None
-        if self.pid is None:
-            return False
-        with contextlib.suppress(psutil.Error, OSError):
-            process = psutil.Process(self.pid)
-            return (
-                process.status() != psutil.STATUS_ZOMBIE
-                and process.environ().get(INSTANCE_ENV_VAR) == self.marker
-            )
-        return False
+        if self._service.popen is not None:
+            return self._service.running()
+        return self.pid is not None and marked_process_alive(self.pid, self.marker)
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this node still running (raylet, agents, workers)."""
@@ -240,37 +189,25 @@ class RayWorkerNode:
         crash, as a lost machine looks to the cluster) instead of letting the raylet drain."""
         if force:
             if self.pid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.pid, signal.SIGKILL)
+                send_signal(self.pid, signal.SIGKILL, group=True)
             for process in self.processes():
                 with contextlib.suppress(psutil.Error):
                     process.kill()
-        elif self.pid is not None and self.is_alive():
-            # SIGTERM: ``ray start --block`` drains the node (up to 30 s) and stops its processes.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.is_alive():
-                time.sleep(0.2)
-        if self.pid is not None:
-            terminate_process_group(self.pid, timeout=5.0)
-        if self._process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=5)
+        # Orderly: on SIGTERM ``ray start --block`` drains the node (up to 30 s) and stops its
+        # processes.
+        stop_ray_start(
+            self._service,
+            self.pid,
+            first_signal=None if force else signal.SIGTERM,
+            alive=self.is_alive,
+            timeout=timeout,
+        )
         kill_processes(self.processes())
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        self._process = None
-        if self.temp_dir is not None and not self.temp_dir.is_relative_to(self.state_dir):
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        remove_ray_temp_dir(self.temp_dir, self.state_dir)
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the node's ``ray start`` output."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self._service.log_tail(lines)
 
     # ------------------------------------------------------------------------------ records
     def to_record(self) -> dict[str, Any]:

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,13 +23,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+
+from segplatform.services.process import ServiceProcess, send_signal
 
 # Port-range in which free ports are searched (HTTP port p and gRPC port p + 10000 both free).
 _PORT_LOW = 20000
@@ -108,8 +107,7 @@ class SeaweedServer:
         self.region = "us-east-1"
         self.ports: dict[str, int] = {}
         self.log_path = self.root_dir / "weed.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
+        self._service = ServiceProcess(self.log_path, tail_lines=30)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -122,7 +120,7 @@ class SeaweedServer:
     @property
     def pid(self) -> int | None:
         """Process id of the running server, or None."""
-        return self._process.pid if self._process is not None else None
+        return self._service.pid
 
     def env(self) -> dict[str, str]:
         """The AWS variables that point clients at this server."""
@@ -160,7 +158,7 @@ class SeaweedServer:
 
     def start(self, timeout: float = 30) -> SeaweedServer:
         """Start the server and wait until S3 answers; SeaweedError (with the log tail) if not."""
-        if self._process is not None and self._process.poll() is None:
+        if self._service.running():
             return self
         binary = weed_binary()
         self.root_dir.mkdir(parents=True, exist_ok=True)
@@ -196,31 +194,17 @@ class SeaweedServer:
             f"-admin.port={self.ports['admin']}",
             f"-admin.port.grpc={self.ports['admin'] + _GRPC_OFFSET}",
         ]
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._process = subprocess.Popen(
-            command,
-            cwd=self.root_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() signals the whole group
+        self._service.launch(command, cwd=self.root_dir)
+        self._service.wait_ready(
+            self._s3_ready,
+            timeout=timeout,
+            poll_interval=0.2,
+            stop=self.stop,
+            error=SeaweedError,
+            exited=f"weed mini exited during start-up; log {self.log_path}",
+            timed_out=f"SeaweedFS S3 did not answer within {timeout} s; log {self.log_path}",
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                tail = self._log_tail()
-                self._cleanup()
-                raise SeaweedError(
-                    f"weed mini exited during start-up; log {self.log_path}:\n{tail}"
-                )
-            if self._s3_ready():
-                return self
-            time.sleep(0.2)
-        tail = self._log_tail()
-        self.stop()
-        raise SeaweedError(
-            f"SeaweedFS S3 did not answer within {timeout} s; log {self.log_path}:\n{tail}"
-        )
+        return self
 
     def _s3_ready(self) -> bool:
         """S3 answers and refuses an anonymous listing (so the identities are loaded)."""
@@ -232,39 +216,24 @@ class SeaweedServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
     def stop(self, timeout: float = 15) -> None:
         """Terminate the server's process group and wait for it to exit."""
-        process = self._process
+        process = self._service.popen
         if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+            send_signal(process.pid, signal.SIGTERM, group=True)
             try:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+                send_signal(process.pid, signal.SIGKILL, group=True)
                 process.wait(timeout=timeout)
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self._process is not None:
+        if process is not None:
             # Children left in the group (none expected) go with it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._process.pid, signal.SIGKILL)
-        self._process = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+            send_signal(process.pid, signal.SIGKILL, group=True)
+        self._service.release()
 
     def is_running(self) -> bool:
         """Whether the server process is alive."""
-        return self._process is not None and self._process.poll() is None
+        return self._service.running()
 
     # ----------------------------------------------------------------------------- buckets
     def create_bucket(self, name: str) -> None:
