@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
-VENV_BIN = Path(sys.executable).parent
+from tests.platform_support import (
+    clean_env,
+    leftover_processes,
+    open_ports,
+    run_cli,
+    run_venv,
+    s3_client,
+    service_ports,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -46,28 +51,13 @@ def submit_job(
     working_dir: Path, env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     command = ["job", "submit", "--working-dir", str(working_dir), "--", "python", "job.py"]
-    return subprocess.run(
-        [str(VENV_BIN / "ray"), *command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_venv(["ray", *command], env=env, timeout=timeout)
 
 
-def s3_client(platform: Any, secret: str | None = None):
-    import boto3
-    from botocore.config import Config
-
-    exports = platform.exports
-    return boto3.client(
-        "s3",
-        endpoint_url=exports["AWS_ENDPOINT_URL"],
-        aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=secret or exports["AWS_SECRET_ACCESS_KEY"],
-        region_name=exports["AWS_DEFAULT_REGION"],
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-    )
+def leftovers(state_dir: Path, extra_paths: tuple[str, ...], ports: set[int]) -> list[str]:
+    """Processes whose command line or environment mention the platform (or its ports)."""
+    token_path = str(state_dir / "ray" / "auth_token")
+    return leftover_processes(paths=(state_dir, *extra_paths), ports=ports, token_path=token_path)
 
 
 def test_up_prints_addresses_and_exports(local_platform: Any) -> None:
@@ -90,26 +80,24 @@ def test_up_prints_addresses_and_exports(local_platform: Any) -> None:
     assert "MLflow" in local_platform.up_output.stdout
 
 
-def test_status_reports_every_service_healthy(local_platform: Any, cli: Any) -> None:
-    result = cli(["local", "status", "--state-dir", str(local_platform.state_dir), "--json"])
+def test_status_reports_every_service_healthy(local_platform: Any) -> None:
+    result = run_cli(["local", "status", "--state-dir", str(local_platform.state_dir), "--json"])
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["healthy"] is True
     assert {service["name"] for service in report["services"]} == {"s3", "mlflow", "ray_head"}
 
 
-def test_up_again_says_already_up(local_platform: Any, cli: Any) -> None:
-    result = cli(["local", "up", "--state-dir", str(local_platform.state_dir)])
+def test_up_again_says_already_up(local_platform: Any) -> None:
+    result = run_cli(["local", "up", "--state-dir", str(local_platform.state_dir)])
     assert result.returncode == 0, result.stderr
     assert "already up" in result.stdout
     assert json.loads((local_platform.state_dir / "state.json").read_text()) == local_platform.state
 
 
-def test_job_submit_with_printed_settings_only(
-    local_platform: Any, client_env: Any, tmp_path: Path
-) -> None:
+def test_job_submit_with_printed_settings_only(local_platform: Any, tmp_path: Path) -> None:
     (tmp_path / "job.py").write_text(JOB_SCRIPT)
-    env = client_env(local_platform.home, {k: local_platform.exports[k] for k in CLIENT_KEYS})
+    env = clean_env(local_platform.home, {k: local_platform.exports[k] for k in CLIENT_KEYS})
     result = submit_job(tmp_path, env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -119,7 +107,7 @@ def test_job_submit_with_printed_settings_only(
 
 
 def test_job_submit_without_or_with_a_wrong_token_is_refused(
-    local_platform: Any, client_env: Any, tmp_path: Path
+    local_platform: Any, tmp_path: Path
 ) -> None:
     (tmp_path / "job.py").write_text(JOB_SCRIPT)
     address = {"RAY_ADDRESS": local_platform.exports["RAY_ADDRESS"]}
@@ -129,7 +117,7 @@ def test_job_submit_without_or_with_a_wrong_token_is_refused(
         address,
         {**address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong_token)},
     ):
-        result = submit_job(tmp_path, client_env(local_platform.home, extra), timeout=60)
+        result = submit_job(tmp_path, clean_env(local_platform.home, extra), timeout=60)
         output = result.stdout + result.stderr
         assert result.returncode != 0, output
         assert "JOB-MARKER" not in output
@@ -149,7 +137,7 @@ def test_mlflow_logs_a_run_with_artifacts_on_s3(local_platform: Any, tmp_path: P
     client.set_terminated(run.info.run_id)
     assert client.get_run(run.info.run_id).data.metrics["val_miou"] == 0.5
     # The artifact went through the tracking server into the platform's bucket.
-    listing = s3_client(local_platform).list_objects_v2(
+    listing = s3_client(local_platform.exports, max_attempts=1).list_objects_v2(
         Bucket="segplatform", Prefix="mlflow-artifacts/"
     )
     keys = [item["Key"] for item in listing.get("Contents", [])]
@@ -159,11 +147,11 @@ def test_mlflow_logs_a_run_with_artifacts_on_s3(local_platform: Any, tmp_path: P
 def test_s3_enforces_credentials(local_platform: Any) -> None:
     from botocore.exceptions import ClientError
 
-    good = s3_client(local_platform)
+    good = s3_client(local_platform.exports, max_attempts=1)
     good.put_object(Bucket="segplatform", Key="probe.txt", Body=b"ok")
     assert good.get_object(Bucket="segplatform", Key="probe.txt")["Body"].read() == b"ok"
     with pytest.raises(ClientError) as refused:
-        s3_client(local_platform, secret="not-the-secret").get_object(
+        s3_client(local_platform.exports, secret="not-the-secret", max_attempts=1).get_object(
             Bucket="segplatform", Key="probe.txt"
         )
     assert refused.value.response["Error"]["Code"] in {
@@ -173,64 +161,29 @@ def test_s3_enforces_credentials(local_platform: Any) -> None:
     }
 
 
-def _ports(state: dict) -> set[int]:
-    services = state["services"]
-    ports = {services["mlflow"]["port"], *services["ray_head"]["ports"].values()}
-    return ports | set(services["s3"]["ports"].values())
-
-
-def _leftovers(state_dir: Path, extra_paths: tuple[str, ...], ports: set[int]) -> list[str]:
-    """Processes whose command line or environment mention the platform (or its ports)."""
-    token_path = str(state_dir / "ray" / "auth_token")
-    port_pattern = re.compile(r"[=:](" + "|".join(str(port) for port in ports) + r")(?!\d)")
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-            mentions = any(path in cmdline for path in (str(state_dir), *extra_paths))
-            mentions = mentions or bool(ports and port_pattern.search(cmdline))
-            if not mentions:
-                mentions = process.environ().get("RAY_AUTH_TOKEN_PATH") == token_path
-        except (psutil.Error, OSError):
-            continue
-        if mentions and process.pid != psutil.Process().pid:
-            found.append(f"{process.pid} {cmdline[:200]}")
-    return found
-
-
-def _open_ports(ports: set[int]) -> list[int]:
-    open_ports = []
-    for port in ports:
-        with socket.socket() as probe:
-            probe.settimeout(0.5)
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                open_ports.append(port)
-    return open_ports
-
-
-def test_down_leaves_nothing(local_platform: Any, cli: Any) -> None:
+def test_down_leaves_nothing(local_platform: Any) -> None:
     state = local_platform.state
     temp_dir = state["services"]["ray_head"]["temp_dir"]
-    ports = _ports(state)
-    assert _leftovers(local_platform.state_dir, (temp_dir,), ports), "the platform is not running"
-    result = cli(["local", "down", "--state-dir", str(local_platform.state_dir)])
+    ports = service_ports(state)
+    assert leftovers(local_platform.state_dir, (temp_dir,), ports), "the platform is not running"
+    result = run_cli(["local", "down", "--state-dir", str(local_platform.state_dir)])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert _leftovers(local_platform.state_dir, (temp_dir,), ports) == []
-    assert _open_ports(ports) == []
+    assert leftovers(local_platform.state_dir, (temp_dir,), ports) == []
+    assert open_ports(ports) == []
     assert not (local_platform.state_dir / "state.json").exists()
-    status = cli(["local", "status", "--state-dir", str(local_platform.state_dir)])
+    status = run_cli(["local", "status", "--state-dir", str(local_platform.state_dir)])
     assert status.returncode == 3 and "not up" in status.stdout
     # Data survives: the MLflow database and the S3 data stay in the state dir.
     assert (local_platform.state_dir / "mlflow" / "mlflow.db").stat().st_size > 0
 
 
-def test_failed_start_stops_what_was_started(cli: Any, tmp_path: Path) -> None:
+def test_failed_start_stops_what_was_started(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     (state_dir / "mlflow").mkdir(parents=True)
     (state_dir / "mlflow" / "mlflow.db").write_text("this is not an SQLite database\n")
-    result = cli(["local", "up", "--state-dir", str(state_dir)])
+    result = run_cli(["local", "up", "--state-dir", str(state_dir)])
     assert result.returncode == 1, result.stdout + result.stderr
     assert "mlflow server exited during start-up" in result.stderr
     assert "S3 (SeaweedFS)" in result.stderr  # S3 was up before MLflow failed
     assert not (state_dir / "state.json").exists()
-    assert _leftovers(state_dir, (), set()) == []
+    assert leftovers(state_dir, (), set()) == []

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import psutil
 import pytest
 
-VENV_BIN = Path(sys.executable).parent
+from tests.platform_support import (
+    RunningPlatform,
+    alive_nodes,
+    clean_env,
+    leftover_processes,
+    open_ports,
+    platform_up,
+    run_cli,
+    run_venv,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -52,82 +55,35 @@ print("PLACEMENT", json.dumps(placed))
 """
 
 
-@dataclass
-class Cluster:
-    """A two-node platform started by ``segplatform local up --nodes 2`` for this module."""
-
-    state_dir: Path
-    home: Path  # an empty HOME for clients (no ~/.ray/auth_token)
-    up_output: subprocess.CompletedProcess[str]
-    first_state: dict  # state.json as written by ``up``
-
-    def state(self) -> dict:
-        return json.loads((self.state_dir / "state.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, cli: Callable[..., Any]) -> Iterator[Cluster]:
-    base = tmp_path_factory.mktemp("multinode")
-    state_dir = base / "state"
-    home = base / "home"
-    home.mkdir()
-    command = ["local", "up", "--state-dir", str(state_dir), "--nodes", "2", "--num-cpus", "1"]
-    result = cli([*command, "--timeout", "400"], timeout=450)
-    try:
-        assert result.returncode == 0, f"local up failed:\n{result.stdout}\n{result.stderr}"
-        state = json.loads((state_dir / "state.json").read_text())
-        yield Cluster(state_dir, home, result, state)
-    finally:
-        cli(["local", "down", "--state-dir", str(state_dir)])  # a no-op after `down`
-
-
-def status_json(cli: Callable[..., Any], cluster: Cluster) -> dict:
-    result = cli(["local", "status", "--state-dir", str(cluster.state_dir), "--json"])
-    assert result.returncode in (0, 1), result.stdout + result.stderr
-    return json.loads(result.stdout)
-
-
-def alive_nodes(report: dict) -> dict[str, dict]:
-    """Node name -> node entry of the nodes the cluster counts ALIVE."""
-    return {node["name"]: node for node in report["nodes"] if node["state"] == "ALIVE"}
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
+    """A two-node platform started by ``segplatform local up --nodes 2`` for this module."""
+    options = ["--nodes", "2", "--num-cpus", "1", "--timeout", "400"]
+    with platform_up(tmp_path_factory, "multinode", options, timeout=450) as platform:
+        yield platform
 
 
 def node_processes(instance_id: str, name: str | None = None) -> list[str]:
     """Processes carrying the platform's instance marker (of worker node ``name`` if given)."""
-    prefix = f"{instance_id}/node/{name}" if name else f"{instance_id}/"
-    found = []
-    for process in psutil.process_iter(["pid"]):
-        try:
-            marker = process.environ().get("SEGPLATFORM_INSTANCE", "")
-            if marker == prefix or (name is None and marker.startswith(prefix)):
-                found.append(f"{process.pid} {' '.join(process.cmdline())[:160]}")
-        except (psutil.Error, OSError):
-            continue
-    return found
+    marker_prefix = f"{instance_id}/node/{name}" if name else f"{instance_id}/"
+    return leftover_processes(marker_prefix=marker_prefix)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(message)
-
-
-def test_nodes_must_be_at_least_one(cli: Callable[..., Any], tmp_path: Path) -> None:
-    result = cli(["local", "up", "--state-dir", str(tmp_path / "s"), "--nodes", "0"], timeout=60)
+def test_nodes_must_be_at_least_one(tmp_path: Path) -> None:
+    result = run_cli(
+        ["local", "up", "--state-dir", str(tmp_path / "s"), "--nodes", "0"], timeout=60
+    )
     assert result.returncode == 2
     assert "--nodes" in result.stderr and "at least 1" in result.stderr
     assert not (tmp_path / "s").exists()
 
 
-def test_up_starts_two_nodes_and_status_lists_them(cluster: Cluster, cli: Any) -> None:
-    records = cluster.first_state["services"]["ray_nodes"]
+def test_up_starts_two_nodes_and_status_lists_them(cluster: RunningPlatform) -> None:
+    records = cluster.state["services"]["ray_nodes"]
     assert [record["name"] for record in records] == ["node-1"]
     assert re.fullmatch(r"[0-9a-f]{56}", records[0]["node_id"])
     assert "node-1" in cluster.up_output.stdout
-    report = status_json(cli, cluster)
+    report = cluster.status_report()
     assert report["healthy"] is True, report
     nodes = alive_nodes(report)
     assert set(nodes) == {"head", "node-1"}, report["nodes"]
@@ -135,27 +91,25 @@ def test_up_starts_two_nodes_and_status_lists_them(cluster: Cluster, cli: Any) -
     assert nodes["node-1"]["node_id"] == records[0]["node_id"]
     assert nodes["head"]["node_id"] != nodes["node-1"]["node_id"]
     assert [nodes[name]["cpus"] for name in ("head", "node-1")] == [1.0, 1.0]
-    text = cli(["local", "status", "--state-dir", str(cluster.state_dir)])
+    text = run_cli(["local", "status", "--state-dir", str(cluster.state_dir)])
     assert re.search(r"node-1\s+ALIVE\s+" + records[0]["node_id"], text.stdout), text.stdout
-    again = cli(["local", "up", "--state-dir", str(cluster.state_dir), "--nodes", "3"])
+    again = run_cli(["local", "up", "--state-dir", str(cluster.state_dir), "--nodes", "3"])
     assert again.returncode == 0 and "already up" in again.stdout
     assert "2 Ray node(s), not 3" in again.stdout
 
 
 def test_spread_job_runs_on_both_nodes_with_platform_settings(
-    cluster: Cluster, cli: Any, client_env: Any, tmp_path: Path
+    cluster: RunningPlatform, tmp_path: Path
 ) -> None:
     (tmp_path / "job.py").write_text(SPREAD_JOB)
-    exports = cluster.state()["env"]
-    env = client_env(cluster.home, {k: v for k, v in exports.items() if k != "SEGPLATFORM_HOME"})
+    exports = cluster.read_state()["env"]
+    env = clean_env(cluster.home, {k: v for k, v in exports.items() if k != "SEGPLATFORM_HOME"})
     command = ["job", "submit", "--working-dir", str(tmp_path), "--", "python", "job.py"]
-    result = subprocess.run(
-        [str(VENV_BIN / "ray"), *command], env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_venv(["ray", *command], env=env, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in output, output
     placed = json.loads(re.search(r"^PLACEMENT (.*)$", output, re.MULTILINE).group(1))
-    nodes = alive_nodes(status_json(cli, cluster))
+    nodes = alive_nodes(cluster.status_report())
     assert {p["node_id"] for p in placed} == {nodes["head"]["node_id"], nodes["node-1"]["node_id"]}
     for where in placed:  # workers on the extra node reach the same S3 and MLflow
         assert where["AWS_ENDPOINT_URL"] == exports["AWS_ENDPOINT_URL"]
@@ -163,59 +117,53 @@ def test_spread_job_runs_on_both_nodes_with_platform_settings(
         assert where["MLFLOW_TRACKING_URI"] == exports["MLFLOW_TRACKING_URI"]
 
 
-def test_node_remove_then_add(cluster: Cluster, cli: Any) -> None:
+def test_node_remove_then_add(cluster: RunningPlatform) -> None:
     state_dir = str(cluster.state_dir)
-    instance_id = cluster.first_state["instance_id"]
-    old_id = cluster.first_state["services"]["ray_nodes"][0]["node_id"]
+    instance_id = cluster.state["instance_id"]
+    old_id = cluster.state["services"]["ray_nodes"][0]["node_id"]
     assert node_processes(instance_id, "node-1")
     # Orderly removal: the raylet drains and the cluster marks the node DEAD at once.
-    removed = cli(["local", "node", "remove", "node-1", "--state-dir", state_dir])
+    removed = run_cli(["local", "node", "remove", "node-1", "--state-dir", state_dir])
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert node_processes(instance_id, "node-1") == []
-    assert cluster.state()["services"]["ray_nodes"] == []
+    assert cluster.read_state()["services"]["ray_nodes"] == []
     wait_for(
-        lambda: set(alive_nodes(status_json(cli, cluster))) == {"head"},
+        lambda: set(alive_nodes(cluster.status_report())) == {"head"},
         30,
         "the removed node is still ALIVE in the cluster",
     )
     # A new node joins with a new name and node id.
-    added = cli(["local", "node", "add", "--state-dir", state_dir, "--timeout", "300"], timeout=320)
+    added = run_cli(
+        ["local", "node", "add", "--state-dir", state_dir, "--timeout", "300"], timeout=320
+    )
     assert added.returncode == 0, added.stdout + added.stderr
     name, node_id = added.stdout.split()
     assert name == "node-2" and node_id != old_id
-    nodes = alive_nodes(status_json(cli, cluster))
+    nodes = alive_nodes(cluster.status_report())
     assert set(nodes) == {"head", "node-2"} and nodes["node-2"]["node_id"] == node_id
     assert nodes["node-2"]["cpus"] == 1.0  # the head's --num-cpus
     # A crash (--force): every process of the node is gone at once; the cluster notices later.
-    killed = cli(["local", "node", "remove", node_id[:10], "--force", "--state-dir", state_dir])
+    killed = run_cli(["local", "node", "remove", node_id[:10], "--force", "--state-dir", state_dir])
     assert killed.returncode == 0, killed.stdout + killed.stderr
     assert "node-2" in killed.stdout
     assert node_processes(instance_id, "node-2") == []
-    again = cli(["local", "node", "add", "--state-dir", state_dir, "--timeout", "300"], timeout=320)
+    again = run_cli(
+        ["local", "node", "add", "--state-dir", state_dir, "--timeout", "300"], timeout=320
+    )
     assert again.returncode == 0 and again.stdout.startswith("node-3 "), again.stderr
 
 
-def test_head_and_unknown_nodes_cannot_be_removed(cluster: Cluster, cli: Any) -> None:
+def test_head_and_unknown_nodes_cannot_be_removed(cluster: RunningPlatform) -> None:
     state_dir = str(cluster.state_dir)
-    head = cli(["local", "node", "remove", "head", "--state-dir", state_dir])
+    head = run_cli(["local", "node", "remove", "head", "--state-dir", state_dir])
     assert head.returncode == 1 and "head node cannot be removed" in head.stderr
-    unknown = cli(["local", "node", "remove", "node-1", "--state-dir", state_dir])
+    unknown = run_cli(["local", "node", "remove", "node-1", "--state-dir", state_dir])
     assert unknown.returncode == 1
     assert "no worker node 'node-1'" in unknown.stderr and "node-3" in unknown.stderr
 
 
-def _open_ports(ports: set[int]) -> list[int]:
-    open_ports = []
-    for port in ports:
-        with socket.socket() as probe:
-            probe.settimeout(0.5)
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                open_ports.append(port)
-    return open_ports
-
-
-def test_down_stops_every_node_and_leaves_nothing(cluster: Cluster, cli: Any) -> None:
-    state = cluster.state()
+def test_down_stops_every_node_and_leaves_nothing(cluster: RunningPlatform) -> None:
+    state = cluster.read_state()
     instance_id = state["instance_id"]
     records = state["services"]["ray_nodes"]
     assert [record["name"] for record in records] == ["node-3"]
@@ -223,13 +171,13 @@ def test_down_stops_every_node_and_leaves_nothing(cluster: Cluster, cli: Any) ->
     ports |= {int(port) for port in state["services"]["ray_head"]["ports"].values()}
     temp_dirs = [Path(record["temp_dir"]) for record in records]
     assert node_processes(instance_id, "node-3")
-    result = cli(["local", "down", "--state-dir", str(cluster.state_dir)])
+    result = run_cli(["local", "down", "--state-dir", str(cluster.state_dir)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "worker nodes (1) stopped" in result.stderr
     assert node_processes(instance_id) == []
-    assert _open_ports(ports) == []
+    assert open_ports(ports) == []
     assert not any(
         path.exists() and not path.is_relative_to(cluster.state_dir) for path in temp_dirs
     )
-    status = cli(["local", "status", "--state-dir", str(cluster.state_dir)])
+    status = run_cli(["local", "status", "--state-dir", str(cluster.state_dir)])
     assert status.returncode == 3 and "not up" in status.stdout

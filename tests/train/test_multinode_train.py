@@ -10,69 +10,50 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 
+from tests.platform_support import (
+    RunningPlatform,
+    alive_nodes,
+    clean_env,
+    leftover_processes,
+    platform_up,
+    run_cli,
+    run_venv,
+    s3_client,
+    wait_for,
+)
+
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 BUCKET = "segplatform"
 
 pytestmark = pytest.mark.slow
 
 
-# ---- helpers (small copies of tests/platform/conftest.py's, kept local to this folder) ---------
-
-
-def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """``segplatform ARGS`` without our RAY_/AWS_/MLFLOW_/SEGPLATFORM_ variables."""
-    foreign = ("RAY_", "AWS_", "MLFLOW_", "SEGPLATFORM_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
-    return subprocess.run(
-        [str(VENV_BIN / "segplatform"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+# ---- helpers ------------------------------------------------------------------------------------
 
 
 @dataclass
-class Platform:
+class Platform(RunningPlatform):
     """The two-node platform of this module."""
 
-    state_dir: Path
-    home: Path  # an empty HOME for clients (no ~/.ray/auth_token)
     prefix: str  # s3://segplatform/<prefix>/... holds this module's data and runs
-
-    def state(self) -> dict:
-        return json.loads((self.state_dir / "state.json").read_text())
-
-    @property
-    def exports(self) -> dict[str, str]:
-        return dict(self.state()["env"])
 
     def client_env(self) -> dict[str, str]:
         """Only what ``segplatform local up`` printed (plus PATH, HOME, locale)."""
-        env = {
-            "PATH": f"{VENV_BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(self.home),
-            "LANG": "C.UTF-8",
-        }
-        env.update({k: v for k, v in self.exports.items() if k != "SEGPLATFORM_HOME"})
-        return env
+        exports = self.exports
+        return clean_env(self.home, {k: v for k, v in exports.items() if k != "SEGPLATFORM_HOME"})
 
     def storage_options(self) -> dict[str, str]:
         exports = self.exports
@@ -84,18 +65,7 @@ class Platform:
         }
 
     def s3(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        exports = self.exports
-        return boto3.client(
-            "s3",
-            endpoint_url=exports["AWS_ENDPOINT_URL"],
-            aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"],
-            region_name=exports["AWS_DEFAULT_REGION"],
-            config=Config(s3={"addressing_style": "path"}),
-        )
+        return s3_client(self.exports)
 
     def objects(self, key_prefix: str) -> dict[str, str]:
         """Key -> ETag of every object under ``key_prefix``."""
@@ -111,19 +81,10 @@ class Platform:
 
     def alive_node_ids(self) -> dict[str, str]:
         """Node name -> node id of the nodes the cluster counts ALIVE."""
-        result = run_cli(["local", "status", "--state-dir", str(self.state_dir), "--json"])
-        report = json.loads(result.stdout)
-        return {n["name"]: n["node_id"] for n in report["nodes"] if n["state"] == "ALIVE"}
+        return {name: node["node_id"] for name, node in alive_nodes(self.status_report()).items()}
 
     def ray(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(VENV_BIN / "ray"), *args],
-            env=self.client_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=REPO,
-        )
+        return run_venv(["ray", *args], env=self.client_env(), timeout=timeout, cwd=REPO)
 
 
 def write_dataset(uri: str, storage_options: dict[str, str]) -> None:
@@ -221,42 +182,13 @@ def placement_tables(platform: Platform, run_id: str) -> dict[int, dict[str, tup
     return tables
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise AssertionError(message)
-
-
-def marked_processes(instance_id: str) -> list[str]:
-    found = []
-    for process in psutil.process_iter(["pid"]):
-        try:
-            if process.environ().get("SEGPLATFORM_INSTANCE", "").startswith(f"{instance_id}/"):
-                found.append(f"{process.pid} {' '.join(process.cmdline())[:160]}")
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    base = tmp_path_factory.mktemp("multinode-train")
-    state_dir = base / "state"
-    home = base / "home"
-    home.mkdir()
-    command = ["local", "up", "--state-dir", str(state_dir), "--nodes", "2", "--num-cpus", "1"]
-    result = run_cli([*command, "--timeout", "400"], timeout=450)
-    try:
-        assert result.returncode == 0, f"local up failed:\n{result.stdout}\n{result.stderr}"
-        running = Platform(state_dir, home, f"multinode-{uuid.uuid4().hex[:8]}")
-        write_dataset(f"s3://{BUCKET}/{running.prefix}/data", running.storage_options())
-        yield running
-    finally:
-        run_cli(["local", "down", "--state-dir", str(state_dir)])  # a no-op after `down`
+    options = ["--nodes", "2", "--num-cpus", "1", "--timeout", "400"]
+    with platform_up(tmp_path_factory, "multinode-train", options, timeout=450) as running:
+        platform = Platform(**vars(running), prefix=f"multinode-{uuid.uuid4().hex[:8]}")
+        write_dataset(f"s3://{BUCKET}/{platform.prefix}/data", platform.storage_options())
+        yield platform
 
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -346,7 +278,7 @@ def test_node_loss_resumes_from_the_last_checkpoint_on_s3(platform: Platform) ->
             return False
         return "checkpoint_step" in text
 
-    wait_for(registered_checkpoint, 300, f"no checkpoint of {name} was registered on S3")
+    wait_for(registered_checkpoint, 300, f"no checkpoint of {name} was registered on S3", 1.0)
     assert job_status(platform, job_id) == "RUNNING"
     before = platform.objects(run_prefix)
     checkpoints_before = {k for k in before if k.endswith("/train_state.pt")}
@@ -356,6 +288,7 @@ def test_node_loss_resumes_from_the_last_checkpoint_on_s3(platform: Platform) ->
         lambda: {m.step for m in platform.mlflow().get_metric_history(run_id, "loss")} >= {1, 2},
         60,
         "the metrics of steps 1 and 2 did not reach MLflow",
+        1.0,
     )
     history_before = {
         (m.step, m.value) for m in platform.mlflow().get_metric_history(run_id, "loss")
@@ -407,21 +340,9 @@ def test_node_loss_resumes_from_the_last_checkpoint_on_s3(platform: Platform) ->
 
 
 def test_down_leaves_no_ray_process(platform: Platform) -> None:
-    instance_id = platform.state()["instance_id"]
-    assert marked_processes(instance_id)
+    marker_prefix = f"{platform.read_state()['instance_id']}/"
+    assert leftover_processes(marker_prefix=marker_prefix)
     result = run_cli(["local", "down", "--state-dir", str(platform.state_dir)])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert marked_processes(instance_id) == []
-    leftovers = [
-        f"{p.pid} {' '.join(p.cmdline())[:120]}"
-        for p in psutil.process_iter()
-        if _mentions(p, str(platform.state_dir))
-    ]
-    assert leftovers == []
-
-
-def _mentions(process: psutil.Process, text: str) -> bool:
-    try:
-        return text in " ".join(process.cmdline())
-    except (psutil.Error, OSError):
-        return False
+    assert leftover_processes(marker_prefix=marker_prefix) == []
+    assert leftover_processes(paths=(platform.state_dir,)) == []

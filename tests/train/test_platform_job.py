@@ -20,111 +20,53 @@ One platform serves the module; ``test_down_leaves_nothing`` stops it and must s
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shlex
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+
+from tests.platform_support import (
+    RunningPlatform,
+    clean_env,
+    leftover_processes,
+    open_ports,
+    platform_up,
+    run_cli,
+    run_venv,
+    s3_client,
+    service_ports,
+)
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 RUN_NAME = "refinenet-platform"
 MODEL_NAME = "refinenet-test"
 MAX_ITERS = 2
-# Variables that could point a client at another cluster or store; never passed on.
-FOREIGN_PREFIXES = ("RAY_", "AWS_", "MLFLOW_", "SEGPLATFORM_")
 
 
-@dataclass
-class Platform:
+class Platform(RunningPlatform):
     """The platform ``segplatform local up`` started for this module."""
 
-    state_dir: Path
-    home: Path  # an empty HOME for clients: no ~/.ray/auth_token, no ~/.aws
-    exports: dict[str, str]  # the ``export`` lines ``up`` printed
-    state: dict[str, Any]  # state.json as ``up`` wrote it
-
-    def client_env(self) -> dict[str, str]:
-        """PATH (venv first), HOME, locale and the printed settings; nothing else."""
-        return {
-            "PATH": f"{VENV_BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(self.home),
-            "LANG": "C.UTF-8",
-            **self.exports,
-        }
-
     def run(self, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        """``args[0]`` from the venv with the client environment, in the repository root."""
-        return subprocess.run(
-            [str(VENV_BIN / args[0]), *args[1:]],
-            cwd=REPO,
-            env=self.client_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        """``args[0]`` from the venv in the repository root, with PATH (venv first), an empty
+        HOME, locale and the printed settings; nothing else."""
+        return run_venv(args, env=clean_env(self.home, self.exports), timeout=timeout, cwd=REPO)
 
     def s3_keys(self, prefix: str) -> list[str]:
-        import boto3
-        from botocore.config import Config
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.exports["AWS_ENDPOINT_URL"],
-            aws_access_key_id=self.exports["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=self.exports["AWS_SECRET_ACCESS_KEY"],
-            region_name=self.exports["AWS_DEFAULT_REGION"],
-            config=Config(s3={"addressing_style": "path"}),
-        )
+        client = s3_client(self.exports)
         bucket = self.exports["SEGPLATFORM_S3_BUCKET"]
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
-def _segplatform(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """``segplatform ARGS`` with our environment minus any RAY_/AWS_/MLFLOW_ settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_PREFIXES)}
-    return subprocess.run(
-        [str(VENV_BIN / "segplatform"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _parse_exports(stdout: str) -> dict[str, str]:
-    exports = {}
-    for line in stdout.splitlines():
-        if line.startswith("export "):
-            key, _, value = shlex.split(line[len("export ") :])[0].partition("=")
-            exports[key] = value
-    return exports
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    base = tmp_path_factory.mktemp("platform-job")
-    state_dir, home = base / "state", base / "home"
-    home.mkdir()
-    up = _segplatform(["local", "up", "--state-dir", str(state_dir), "--num-cpus", "4"])
-    try:
-        assert up.returncode == 0, f"local up failed:\n{up.stdout}\n{up.stderr}"
-        state = json.loads((state_dir / "state.json").read_text())
-        yield Platform(state_dir, home, _parse_exports(up.stdout), state)
-    finally:
-        _segplatform(["local", "down", "--state-dir", str(state_dir)])  # no-op after a down
+    with platform_up(tmp_path_factory, "platform-job", ["--num-cpus", "4"]) as running:
+        yield Platform(**vars(running))
 
 
 @pytest.fixture(scope="module")
@@ -233,51 +175,20 @@ def test_mlflow_has_the_finished_run_and_champion_version(
     assert out.shape == (1, 4, 64, 48)
 
 
-def _ports(state: dict[str, Any]) -> set[int]:
-    services = state["services"]
-    ports = {services["mlflow"]["port"], *services["ray_head"]["ports"].values()}
-    return ports | set(services["s3"]["ports"].values())
-
-
 def _leftovers(platform: Platform) -> list[str]:
     """Processes whose command line or environment mention the platform."""
-    temp_dir = platform.state["services"]["ray_head"]["temp_dir"]
-    token_path = platform.exports["RAY_AUTH_TOKEN_PATH"]
-    instance = platform.state["instance_id"]
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if process.pid == os.getpid():
-            continue
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-            mentions = str(platform.state_dir) in cmdline or temp_dir in cmdline
-            if not mentions:
-                environ = process.environ()
-                mentions = environ.get("RAY_AUTH_TOKEN_PATH") == token_path or instance in (
-                    environ.get("SEGPLATFORM_INSTANCE", "")
-                )
-        except (psutil.Error, OSError):
-            continue
-        if mentions:
-            found.append(f"{process.pid} {cmdline[:200]}")
-    return found
-
-
-def _open_ports(ports: set[int]) -> list[int]:
-    open_ports = []
-    for port in sorted(ports):
-        with socket.socket() as probe:
-            probe.settimeout(0.5)
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                open_ports.append(port)
-    return open_ports
+    return leftover_processes(
+        paths=(platform.state_dir, platform.state["services"]["ray_head"]["temp_dir"]),
+        token_path=platform.exports["RAY_AUTH_TOKEN_PATH"],
+        marker_prefix=f"{platform.state['instance_id']}/",
+    )
 
 
 def test_down_leaves_nothing(platform: Platform) -> None:
-    ports = _ports(platform.state)
+    ports = service_ports(platform.state)
     assert _leftovers(platform), "the platform is not running"
-    down = _segplatform(["local", "down", "--state-dir", str(platform.state_dir)])
+    down = run_cli(["local", "down", "--state-dir", str(platform.state_dir)])
     assert down.returncode == 0, down.stdout + down.stderr
     assert _leftovers(platform) == []
-    assert _open_ports(ports) == []
+    assert open_ports(ports) == []
     assert not (platform.state_dir / "state.json").exists()

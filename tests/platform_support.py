@@ -1,0 +1,207 @@
+"""Helpers for tests that run the local platform (``segplatform local up``) as a user would:
+the ``segplatform`` and ``ray`` commands as subprocesses with a minimal environment, a platform
+started for a test module and stopped afterwards, and checks that nothing of it is left behind.
+
+Test modules under ``tests/`` import it as ``tests.platform_support`` (pytest's importlib mode
+imports ``tests`` as a package of the rootdir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+# Variables that could point a client at another cluster or store; never passed to subprocesses.
+FOREIGN_PREFIXES = ("RAY_", "AWS_", "MLFLOW_", "SEGPLATFORM_")
+
+
+def clean_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment: PATH (venv first), HOME, locale, plus ``extra``; nothing else."""
+    env = {
+        "PATH": f"{VENV_BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+    }
+    env.update(extra or {})
+    return env
+
+
+def run_venv(
+    args: list[str], *, env: dict[str, str], timeout: float = 240, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``args[0]`` from the venv's ``bin`` with ``args[1:]``, output captured as text."""
+    return subprocess.run(
+        [str(VENV_BIN / args[0]), *args[1:]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_cli(
+    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """``segplatform ARGS`` as a subprocess (env defaults to ours minus foreign RAY_/AWS_/...)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_PREFIXES)}
+    return run_venv(["segplatform", *args], env=env, timeout=timeout)
+
+
+def parse_exports(stdout: str) -> dict[str, str]:
+    """The ``export KEY=VALUE`` lines of ``segplatform local up`` as a dict."""
+    exports = {}
+    for line in stdout.splitlines():
+        if line.startswith("export "):
+            key, _, value = shlex.split(line[len("export ") :])[0].partition("=")
+            exports[key] = value
+    return exports
+
+
+@dataclass
+class RunningPlatform:
+    """A platform started by ``segplatform local up`` in a temporary state dir."""
+
+    state_dir: Path
+    up_output: subprocess.CompletedProcess[str]
+    exports: dict[str, str]  # the ``export`` lines ``up`` printed
+    state: dict[str, Any]  # state.json as written by ``up``
+    home: Path  # an empty HOME for clients: no ~/.ray/auth_token, no ~/.aws
+
+    def read_state(self) -> dict[str, Any]:
+        """state.json as it is now (``local node add|remove`` change it)."""
+        return json.loads((self.state_dir / "state.json").read_text())
+
+    def status_report(self) -> dict[str, Any]:
+        """The report of ``segplatform local status --json`` (healthy or not)."""
+        result = run_cli(["local", "status", "--state-dir", str(self.state_dir), "--json"])
+        assert result.returncode in (0, 1), result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+
+@contextlib.contextmanager
+def platform_up(
+    tmp_path_factory: pytest.TempPathFactory, name: str, options: list[str], timeout: float = 240
+) -> Iterator[RunningPlatform]:
+    """``segplatform local up OPTIONS`` in a new temporary directory ``name``; ``local down``
+    afterwards, whatever happened (a no-op after a test's own ``down``)."""
+    base = tmp_path_factory.mktemp(name)
+    state_dir = base / "state"
+    home = base / "home"
+    home.mkdir()
+    result = run_cli(["local", "up", "--state-dir", str(state_dir), *options], timeout=timeout)
+    try:
+        assert result.returncode == 0, f"local up failed:\n{result.stdout}\n{result.stderr}"
+        state = json.loads((state_dir / "state.json").read_text())
+        yield RunningPlatform(state_dir, result, parse_exports(result.stdout), state, home)
+    finally:
+        run_cli(["local", "down", "--state-dir", str(state_dir)])
+
+
+def alive_nodes(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Node name -> node entry of the nodes a status report counts ALIVE."""
+    return {node["name"]: node for node in report["nodes"] if node["state"] == "ALIVE"}
+
+
+def s3_client(
+    exports: dict[str, str], *, secret: str | None = None, max_attempts: int | None = None
+) -> Any:
+    """A boto3 S3 client for the platform's S3 server (``secret`` replaces the real one)."""
+    import boto3
+    from botocore.config import Config
+
+    options: dict[str, Any] = {"s3": {"addressing_style": "path"}}
+    if max_attempts is not None:
+        options["retries"] = {"max_attempts": max_attempts}
+    return boto3.client(
+        "s3",
+        endpoint_url=exports["AWS_ENDPOINT_URL"],
+        aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=secret or exports["AWS_SECRET_ACCESS_KEY"],
+        region_name=exports["AWS_DEFAULT_REGION"],
+        config=Config(**options),
+    )
+
+
+def service_ports(state: dict[str, Any]) -> set[int]:
+    """The ports of the S3 server, the MLflow server and the Ray head in ``state``."""
+    services = state["services"]
+    ports = {services["mlflow"]["port"], *services["ray_head"]["ports"].values()}
+    return ports | set(services["s3"]["ports"].values())
+
+
+def open_ports(ports: Iterable[int]) -> list[int]:
+    """Those of ``ports`` that accept connections on 127.0.0.1."""
+    found = []
+    for port in sorted(ports):
+        with socket.socket() as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                found.append(port)
+    return found
+
+
+def leftover_processes(
+    *,
+    paths: Iterable[str] = (),
+    ports: Iterable[int] = (),
+    token_path: str | None = None,
+    marker_prefix: str | None = None,
+) -> list[str]:
+    """``"PID COMMAND"`` of the processes (other than this one) whose command line mentions one
+    of ``paths`` or ``ports`` (as ``=PORT`` or ``:PORT``), or whose environment has
+    ``RAY_AUTH_TOKEN_PATH`` equal to ``token_path`` or an instance marker
+    (``SEGPLATFORM_INSTANCE``) starting with ``marker_prefix``."""
+    texts = [str(path) for path in paths]
+    numbers = [str(port) for port in ports]
+    port_pattern = re.compile(r"[=:](" + "|".join(numbers) + r")(?!\d)")
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid == os.getpid():
+            continue
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            mentions = any(text in cmdline for text in texts)
+            mentions = mentions or bool(numbers and port_pattern.search(cmdline))
+            if not mentions and (token_path or marker_prefix):
+                environ = process.environ()
+                mentions = bool(token_path) and environ.get("RAY_AUTH_TOKEN_PATH") == token_path
+                mentions = mentions or (
+                    marker_prefix is not None
+                    and environ.get("SEGPLATFORM_INSTANCE", "").startswith(marker_prefix)
+                )
+        except (psutil.Error, OSError):
+            continue
+        if mentions:
+            found.append(f"{process.pid} {cmdline[:200]}")
+    return found
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float, message: str, poll_interval: float = 0.5
+) -> Any:
+    """The first truthy value of ``condition()`` within ``timeout`` s; AssertionError(message)
+    if none."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_interval)
+    raise AssertionError(message)
