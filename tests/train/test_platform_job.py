@@ -20,6 +20,7 @@ One platform serves the module; ``test_down_leaves_nothing`` stops it and must s
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -76,8 +77,13 @@ def submitted(platform: Platform) -> dict[str, Any]:
     data = f"s3://{bucket}/datasets/mni152"
     convert = platform.run(["segplatform", "data", "convert", "mni152-tissue", data])
     assert convert.returncode == 0, convert.stdout + convert.stderr
+    # The uploaded working dir has no .git: the README's way to tag the run with the commit.
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    runtime_env = json.dumps({"env_vars": {"SEGPLATFORM_GIT_COMMIT": commit}})
     command = [
-        "ray", "job", "submit", "--working-dir", ".", "--",
+        "ray", "job", "submit", "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
         "python", "jobs/train_refinenet.py", "--tiny", "--data", data,
         "--storage", f"s3://{bucket}/runs", "--workers", "2", "--max-iters", str(MAX_ITERS),
         "--register-as", MODEL_NAME, "--name", RUN_NAME,
@@ -86,7 +92,14 @@ def submitted(platform: Platform) -> dict[str, Any]:
     output = job.stdout + job.stderr
     found = re.search(r"Job '(raysubmit_\w+)'", output)
     assert found, output[-5000:]
-    return {"data": data, "bucket": bucket, "job": job, "output": output, "id": found[1]}
+    return {
+        "data": data,
+        "bucket": bucket,
+        "job": job,
+        "output": output,
+        "id": found[1],
+        "commit": commit,
+    }
 
 
 def test_job_succeeded(platform: Platform, submitted: dict[str, Any]) -> None:
@@ -157,7 +170,7 @@ def test_mlflow_has_the_finished_run_and_champion_version(
     assert version.tags["dataset"] == submitted["data"]
     assert version.tags["manifest_version"] == "1"
     assert version.tags["ray_run_name"] == RUN_NAME
-    assert "git_commit" in version.tags
+    assert version.tags["git_commit"] == submitted["commit"]
     assert version.tags["checkpoint"].startswith(f"{submitted['bucket']}/runs/{RUN_NAME}/")
 
     # As a user with the printed settings would (download_artifacts' own tracking_uri and
