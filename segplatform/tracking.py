@@ -73,7 +73,10 @@ class _Delivery:
         if found is not None:
             return found.experiment_id
         try:
-            return self.client.create_experiment(self.experiment)
+            return self.client.create_experiment(
+                self.experiment,
+                artifact_location=local_artifact_location(self.tracking_uri, self.experiment),
+            )
         except Exception:  # created concurrently by another process
             found = self.client.get_experiment_by_name(self.experiment)
             if found is None:
@@ -402,6 +405,18 @@ def _reason(err: BaseException) -> str:
     _, found, cause = text.partition("failed with exception ")  # MLflow's HTTP client errors
     lines = (cause if found else text).splitlines()
     return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def local_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where the artifacts of a new experiment go for a ``sqlite:///`` tracking URI: the
+    ``mlruns/`` directory beside the database file (MLflow's own default, ``./mlruns``, is relative
+    to the working directory of whichever process creates the experiment, e.g. a Ray worker's
+    temporary directory). None for a tracking server, which decides itself."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri[len("sqlite:///") :]).resolve()
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "experiment"
+    return (database.parent / "mlruns" / folder).as_uri()
 
 
 def is_rejection(err: BaseException) -> bool:

@@ -26,7 +26,10 @@ def sqlite_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_records_reach_mlflow_in_order(tmp_path, sqlite_uri):
+def test_records_reach_mlflow_in_order(tmp_path, sqlite_uri, monkeypatch):
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # artifacts must not follow the working directory
     tracker = RunTracker(sqlite_uri, "exp", "run-a", buffer_dir=tmp_path / "buf", tags={"k": "v"})
     tracker.log_params({"lr": 0.01, "bins": (1, 2, 3, 6)})
     for step in range(5):
@@ -46,6 +49,10 @@ def test_records_reach_mlflow_in_order(tmp_path, sqlite_uri):
     assert history[-1].value == pytest.approx(0.2)
     names = {a.path for a in client.list_artifacts(tracker.run_id)}
     assert {"overlays", "iou.json"} <= names
+    # Beside the database, under the experiment's name; nothing in the working directory.
+    stored = tmp_path / "mlruns" / "exp" / tracker.run_id / "artifacts"
+    assert (stored / "iou.json").is_file() and (stored / "overlays" / "overlay.png").is_file()
+    assert list(workdir.iterdir()) == []
 
 
 def test_same_run_key_continues_the_run(tmp_path, sqlite_uri):
