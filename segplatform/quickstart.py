@@ -138,6 +138,7 @@ def run_quickstart(
         mlflow_uri=tracking_uri,
         experiment=EXPERIMENT,
         register_as=MODEL_NAME,
+        promote="always",  # evaluate what this run trained, even if an earlier run scored higher
     )
     log(f"training {name}: tiny U-Net, {workers} Ray Train workers, {max_iters} iterations")
     import ray

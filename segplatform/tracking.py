@@ -47,13 +47,21 @@ class NoRunError(RuntimeError):
     """A record came after a ``start`` record the server refused: there is no run to log to."""
 
 
+# How ``register_model`` moves the alias: "if_better" (the new version's ``val_miou`` tag is at
+# least the current holder's, on the same dataset and manifest version), "always" or "never".
+PROMOTION_POLICIES = ("if_better", "always", "never")
+# Tags that must match for two versions' scores to be compared.
+COMPARABLE_TAGS = ("dataset", "manifest_version")
+
+
 @dataclass
 class Registration:
     """The model version a ``register_model`` record produced."""
 
     name: str
     version: str
-    alias: str | None
+    alias: str | None  # the alias moved to this version; None when it stayed where it was
+    reason: str = ""  # why the alias moved or stayed (also the version's tag "promotion")
 
 
 class _Delivery:
@@ -147,9 +155,42 @@ class _Delivery:
             name, source=source, run_id=run_id, tags=args.get("tags") or None
         )
         alias = args.get("alias")
+        moved, reason = False, "no alias requested"
         if alias:
+            moved, reason = self._promotion(name, alias, args.get("promote", "always"), args)
+            self.client.set_model_version_tag(name, version.version, "promotion", reason)
+        if moved:
             self.client.set_registered_model_alias(name, alias, version.version)
-        self.registrations.append(Registration(name, str(version.version), alias))
+        self.registrations.append(
+            Registration(name, str(version.version), alias if moved else None, reason)
+        )
+
+    def _promotion(
+        self, name: str, alias: str, policy: str, args: dict[str, Any]
+    ) -> tuple[bool, str]:
+        """Whether the new version takes ``alias``, and why (see ``PROMOTION_POLICIES``)."""
+        from mlflow.exceptions import MlflowException
+
+        if policy == "never":
+            return False, f"promote=never: {alias} not moved"
+        if policy == "always":
+            return True, f"promote=always: {alias} moved"
+        try:
+            current = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:  # no version holds the alias yet
+            return True, f"first {alias}"
+        tags = args.get("tags") or {}
+        held = f"version {current.version}"
+        if any(current.tags.get(key) != tags.get(key) for key in COMPARABLE_TAGS):
+            return True, f"{alias} moved from {held}, trained on other data (scores not comparable)"
+        new, old = _score(tags.get("val_miou")), _score(current.tags.get("val_miou"))
+        if old is None:
+            return True, f"{alias} moved from {held}, which has no val_miou"
+        if new is None:
+            return False, f"{alias} stays on {held}: this version has no val_miou"
+        if new >= old:
+            return True, f"val_miou {new:.4f} >= {old:.4f} of {held}"
+        return False, f"{alias} stays on {held}: val_miou {new:.4f} < {old:.4f}"
 
 
 class RunTracker:
@@ -269,9 +310,14 @@ class RunTracker:
         *,
         alias: str | None = "champion",
         tags: dict[str, str] | None = None,
+        promote: str = "always",
     ) -> None:
-        """Register ``runs:/<run>/<artifact_path>`` (a logged model package) as a version."""
-        args = {"artifact_path": artifact_path, "name": name, "alias": alias}
+        """Register ``runs:/<run>/<artifact_path>`` (a logged model package) as a version and
+        move ``alias`` to it according to ``promote`` (``PROMOTION_POLICIES``; "if_better"
+        compares the ``val_miou`` tags). The outcome is in ``registrations`` once delivered."""
+        if promote not in PROMOTION_POLICIES:
+            raise ValueError(f"promote must be one of {PROMOTION_POLICIES}, got {promote!r}")
+        args = {"artifact_path": artifact_path, "name": name, "alias": alias, "promote": promote}
         args["tags"] = {k: str(v) for k, v in (tags or {}).items()}
         self._record("register", args)
 
@@ -448,6 +494,15 @@ def reject_record(
     line = json.dumps({"seq": seq, "op": op, "args": args, "reason": reason})
     with open(buffer_dir / REJECTED, "a") as f:
         f.write(line + "\n")
+
+
+def _score(text: str | None) -> float | None:
+    """A ``val_miou`` tag as a number; None when missing or not a finite number."""
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and np.isfinite(value) else None
 
 
 def _jsonable(value: Any) -> Any:

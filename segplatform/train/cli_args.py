@@ -311,6 +311,13 @@ OPTIONS: tuple[tuple[str, tuple[_Option, ...]], ...] = (
             ),
             (("--experiment",), "experiment", {}, "MLflow experiment"),
             (("--register-as",), "register_as", {}, "register the best model under this name"),
+            (
+                ("--promote",),
+                "promote",
+                {"choices": ("if_better", "always", "never")},
+                "move the alias (champion) to the new version: if_better = its val mIoU is at "
+                "least the current holder's on the same dataset",
+            ),
         ),
     ),
 )
@@ -452,15 +459,7 @@ def run_from_args(config: TrainConfig) -> int:
         print(f"best checkpoint: {best.path}")
     if "val_miou" in metrics:
         print(f"final val mIoU: {metrics['val_miou']:.4f}")
-    if config.register_as and (config.mlflow_uri or _env_mlflow()):
-        print(f"registered as models:/{config.register_as}@{config.register_alias}")
     return 0
-
-
-def _env_mlflow() -> str | None:
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def job_main(recipe: JobRecipe, argv: Sequence[str] | None = None) -> int:

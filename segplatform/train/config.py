@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from segplatform.tracking import PROMOTION_POLICIES
+
 OPTIMIZERS = ("sgd", "adamw")
 LOSSES = ("ce", "ohem", "dice", "ce+dice")
 AMP_DTYPES = ("bf16", "fp16")
@@ -118,7 +120,8 @@ class TrainConfig:
     mlflow_uri: str | None = None  # MLflow tracking URI; None: MLFLOW_TRACKING_URI or no tracking
     experiment: str = "segplatform"  # MLflow experiment name
     register_as: str | None = None  # registered model name for the best checkpoint; None: none
-    register_alias: str = "champion"  # alias moved to the registered version
+    register_alias: str = "champion"  # alias given to the registered version (see promote)
+    promote: str = "if_better"  # move the alias: if_better (val mIoU >= holder's), always, never
     overlay_samples: int = 2  # fixed validation images logged as overlays at each evaluation
     # ---- fault injection (tests only) ----------------------------------------------------------
     fail_at_step: int | None = None  # TEST KNOB: worker fail_rank exits at this iteration, once
@@ -246,6 +249,8 @@ class TrainConfig:
         positive_int("num_workers", minimum=0)
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             fail("cpus_per_worker", "must be > 0 or None")
+        if self.promote not in PROMOTION_POLICIES:
+            fail("promote", f"must be one of {PROMOTION_POLICIES}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             fail("placement_strategy", f"must be one of {PLACEMENT_STRATEGIES}")
         if not isinstance(self.worker_resources, dict) or any(

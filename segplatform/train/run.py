@@ -11,8 +11,10 @@
    the best ``keep_checkpoints`` kept by ``val_miou``, and ``FailureConfig(max_failures)``.
 4. ``fit()``. The same ``name`` and ``storage_path`` again resumes from the latest checkpoint.
 5. The best checkpoint's model package is logged to the run's MLflow run and, with
-   ``register_as``, registered as a model version (alias ``register_alias``) tagged with the
-   dataset URI, manifest version, git commit and Ray run name.
+   ``register_as``, registered as a model version tagged with the dataset URI, manifest version,
+   git commit, Ray run name and ``val_miou``; ``register_alias`` moves to it as ``promote`` says
+   (default: only when it scores at least the current holder on the same data). One line on
+   stdout says where the alias is.
 """
 
 from __future__ import annotations
@@ -343,10 +345,32 @@ def register_best(config: TrainConfig, plan: dict[str, Any], result: Any) -> Any
             tags["val_miou"] = str(metrics.get("val_miou", ""))
             tags["checkpoint"] = best.path
             tracker.register_model(
-                "model", config.register_as, alias=config.register_alias, tags=tags
+                "model",
+                config.register_as,
+                alias=config.register_alias,
+                tags=tags,
+                promote=config.promote,
             )
-        tracker.finish("FINISHED")
+        delivered = tracker.finish("FINISHED")
+    for registration in tracker.registrations:
+        print(registration_line(registration), flush=True)
+    if config.register_as and not delivered:
+        print(
+            f"registration of {config.register_as} pending: MLflow did not take it (see the "
+            "warning above for the buffer to upload with `segplatform tracking sync`)",
+            flush=True,
+        )
     return best
+
+
+def registration_line(registration: Any) -> str:
+    """``registered as models:/NAME@ALIAS (version 3: why)`` when the alias moved to the new
+    version, ``registered as models:/NAME/3; ALIAS stays on version 2: why`` otherwise."""
+    name, version = registration.name, registration.version
+    if registration.alias:
+        where = f"models:/{name}@{registration.alias}"
+        return f"registered as {where} (version {version}: {registration.reason})"
+    return f"registered as models:/{name}/{version}; {registration.reason}"
 
 
 STORAGE_WAIT_S = 300.0  # how long run() waits for unreachable checkpoint storage to come back

@@ -110,3 +110,46 @@ def test_a_refused_record_is_left_out_and_the_rest_still_lands(tmp_path, sqlite_
     assert "bad|name" in rejected[0]["reason"]
     assert pending_records(tmp_path / "buf") == []
     assert any("refused the 'metrics' record" in message for message in caplog.messages)
+
+
+def _register(sqlite_uri, tmp_path, name, score, *, dataset="s3://b/voc", promote="if_better"):
+    """One run that logs a small package and registers it with ``val_miou = score``."""
+    package = tmp_path / f"package-{name}-{score}"
+    package.mkdir()
+    (package / "model.json").write_text("{}")
+    tracker = RunTracker(sqlite_uri, "exp", f"run-{score}", buffer_dir=package.with_suffix(".buf"))
+    tracker.log_artifacts(package, "model")
+    tags = {"dataset": dataset, "manifest_version": "1"}
+    if score is not None:
+        tags["val_miou"] = str(score)
+    tracker.register_model("model", name, alias="champion", tags=tags, promote=promote)
+    assert tracker.finish(timeout=60)
+    (registration,) = tracker.registrations
+    return registration
+
+
+def test_champion_moves_only_to_a_version_at_least_as_good_on_the_same_data(tmp_path, sqlite_uri):
+    first = _register(sqlite_uri, tmp_path, "m", 0.5)
+    assert (first.version, first.alias, first.reason) == ("1", "champion", "first champion")
+    worse = _register(sqlite_uri, tmp_path, "m", 0.4)
+    assert worse.alias is None
+    assert worse.reason == "champion stays on version 1: val_miou 0.4000 < 0.5000"
+    better = _register(sqlite_uri, tmp_path, "m", 0.6)
+    assert better.alias == "champion" and "0.6000 >= 0.5000 of version 1" in better.reason
+    unscored = _register(sqlite_uri, tmp_path, "m", None)
+    assert unscored.alias is None and "has no val_miou" in unscored.reason
+    other_data = _register(sqlite_uri, tmp_path, "m", 0.1, dataset="s3://b/cityscapes")
+    assert other_data.alias == "champion" and "scores not comparable" in other_data.reason
+    forced = _register(
+        sqlite_uri, tmp_path, "m", 0.05, dataset="s3://b/cityscapes", promote="always"
+    )
+    assert forced.alias == "champion"
+    kept = _register(sqlite_uri, tmp_path, "m", 0.9, dataset="s3://b/cityscapes", promote="never")
+    assert kept.alias is None
+
+    client = MlflowClient(sqlite_uri)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == forced.version == "6"
+    # Every version says why the alias moved or not.
+    assert client.get_model_version("m", worse.version).tags["promotion"] == worse.reason
+    with pytest.raises(ValueError, match="promote must be one of"):
+        RunTracker.register_model(None, "model", "m", promote="sometimes")

@@ -32,6 +32,7 @@ def test_defaults_round_trip_through_dict_and_json() -> None:
         ({"eval_every": 4, "checkpoint_every": 6}, "checkpoint_every"),
         ({"amp": "fp16"}, "amp"),
         ({"class_weights": "inverse"}, "class_weights"),
+        ({"promote": "sometimes"}, "promote"),
         ({"name": "bad name/with slash"}, "name"),
         ({"arch": "no_such_net"}, "arch"),
         ({"arch_params": {"no_such_field": 1}}, "arch_params"),
