@@ -29,6 +29,27 @@ def recipe_for(meta: ModelPackage, **overrides: Any) -> InferenceRecipe:
     return InferenceRecipe.from_dict(base)
 
 
+def segment_image(
+    model: torch.nn.Module,
+    meta: ModelPackage,
+    image: np.ndarray,
+    *,
+    recipe: InferenceRecipe | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``segment`` with the package's classes, channels, normalization and, unless ``recipe``
+    is given, its inference recipe: label map (H, W) and probabilities (K, H, W)."""
+    return segment(
+        model,
+        image,
+        recipe=recipe if recipe is not None else recipe_for(meta),
+        num_classes=meta.num_classes,
+        in_channels=meta.in_channels,
+        normalization=meta.normalization,
+        device=device,
+    )
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,15 +72,7 @@ def evaluate_model(
     matrix = ConfusionMatrix(meta.num_classes, ignore_index=meta.ignore_index)
     count = 0
     for sample in iter_samples(data_uri, split, storage_options):
-        labels, _ = segment(
-            model,
-            sample["image"],
-            recipe=recipe,
-            num_classes=meta.num_classes,
-            in_channels=meta.in_channels,
-            normalization=meta.normalization,
-            device=device,
-        )
+        labels, _ = segment_image(model, meta, sample["image"], recipe=recipe, device=device)
         matrix.update(
             torch.from_numpy(labels.astype(np.int64)),
             torch.from_numpy(sample["mask"].astype(np.int64)),
@@ -108,15 +121,7 @@ def predict_files(
                 array = np.asarray(handle.convert("L" if meta.in_channels == 1 else "RGB"))
         except OSError as err:
             raise ValueError(f"{path}: cannot read image ({err})") from None
-        labels, _ = segment(
-            model,
-            array,
-            recipe=recipe,
-            num_classes=meta.num_classes,
-            in_channels=meta.in_channels,
-            normalization=meta.normalization,
-            device=device,
-        )
+        labels, _ = segment_image(model, meta, array, recipe=recipe, device=device)
         mask_path = out / f"{path.stem}_mask.png"
         overlay_path = out / f"{path.stem}_overlay.png"
         mask_path.write_bytes(indexed_png(labels, meta.palette))

@@ -62,8 +62,7 @@ def overlay_grid(model_uri: str, data_uri: str, out: Path, *, split: str = "val"
     from PIL import Image
 
     from segplatform.data.reader import iter_samples
-    from segplatform.evaluate import recipe_for
-    from segplatform.inference import segment
+    from segplatform.evaluate import segment_image
     from segplatform.package import load_package
     from segplatform.visualize import as_rgb, overlay
 
@@ -72,14 +71,7 @@ def overlay_grid(model_uri: str, data_uri: str, out: Path, *, split: str = "val"
     picks = [samples[i] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]
     rows = []
     for sample in picks:
-        labels, _ = segment(
-            model,
-            sample["image"],
-            recipe=recipe_for(meta),
-            num_classes=meta.num_classes,
-            in_channels=meta.in_channels,
-            normalization=meta.normalization,
-        )
+        labels, _ = segment_image(model, meta, sample["image"])
         image = as_rgb(sample["image"])
         truth = overlay(image, sample["mask"], meta.palette, ignore_index=meta.ignore_index)
         predicted = overlay(image, labels, meta.palette, ignore_index=meta.ignore_index)
