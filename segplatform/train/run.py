@@ -59,8 +59,18 @@ def ensure_ray(config: TrainConfig) -> None:
         ray.init(address=address)
         return
     # Embedded default: a local cluster with enough logical CPUs for the workers and Ray Data.
+    # Its dashboard (127.0.0.1, a free port) serves the State API that Ray Train's placement-group
+    # cleaner polls every second (it warns on every poll without it). A new local cluster has
+    # token authentication on unless RAY_AUTH_MODE says otherwise (Ray's default since 2.5x).
+    from segplatform.services.ray_head import free_port
+
     needed = math.ceil(max(config.num_workers, 1) * config.resolved_cpus_per_worker()) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, needed),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+    )
 
 
 def check_placement(config: TrainConfig) -> str:
