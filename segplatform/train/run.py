@@ -61,7 +61,7 @@ def ensure_ray(config: TrainConfig) -> None:
     # Embedded default: a local cluster with enough logical CPUs for the workers and Ray Data.
     # Its dashboard (127.0.0.1, a free port) serves the State API that Ray Train's placement-group
     # cleaner polls every second (it warns on every poll without it). A new local cluster has
-    # token authentication on unless RAY_AUTH_MODE says otherwise (Ray's default since 2.5x).
+    # token authentication on unless RAY_AUTH_MODE says otherwise (Ray's default for ray.init).
     from segplatform.services.ray_head import free_port
 
     needed = math.ceil(max(config.num_workers, 1) * config.resolved_cpus_per_worker()) + 2
