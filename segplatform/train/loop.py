@@ -16,6 +16,9 @@ predicted with the configured ``InferenceRecipe`` into ONE confusion matrix per 
 over all workers (``ConfusionMatrix.all_reduce``), and every ``checkpoint_every`` iterations rank
 0 writes a checkpoint: the model package (``model/``, DESIGN §2.4) and ``train_state.pt``
 (optimizer, scheduler, scaler, step, epoch, RNG states), reported with ``ray.train.report``.
+Training metrics (every ``log_every`` iterations) go to MLflow each time, and to Ray Train at
+most every ``REPORT_INTERVAL_S``: its controller collects one report per worker every 2 s, and a
+report sent sooner waits for that, stalling training.
 
 Resume: ``ray.train.get_checkpoint()`` (a restarted worker group or a resubmitted run with the
 same name) restores weights and ``train_state.pt``; the step counter, learning-rate schedule and
@@ -69,6 +72,10 @@ MODEL_DIR = "model"
 FAULT_MARKER = ".fault-injected-rank{rank}"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMMIT_TIMEOUT_S = 120.0  # how long rank 0 waits for Ray Train to commit a checkpoint
+# Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s) and a
+# worker's next report waits for the previous one: training-metric reports closer together than
+# that would stall training, so they go to Ray at most this often (MLflow still gets every one).
+REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) * 1.25
 
 
 # ---- data: decoding and augmentation inside Ray Data's iterator -------------------------------
@@ -774,6 +781,7 @@ class _Trainer:
         running_count = 0
         images_seen = 0
         window_start = time.monotonic()
+        last_report = time.monotonic()
         while self.step < max_iters:
             self.epoch, batches = next(epochs)
             self.optimizer.zero_grad(set_to_none=True)
@@ -814,11 +822,16 @@ class _Trainer:
                 maybe_inject_fault(cfg, plan, self.rank, self.step)
 
                 metrics: dict[str, Any] = {}
+                report_due = False
                 if self.step % cfg.log_every == 0 or self.step == max_iters:
                     keys = sorted(running)
                     means = mean_over_workers(
-                        [running[k] / max(running_count, 1) for k in keys], self.device
+                        [running[k] / max(running_count, 1) for k in keys]
+                        + [time.monotonic() - last_report],
+                        self.device,
                     )
+                    # The mean over workers: every worker takes the same decision.
+                    report_due = means.pop() >= REPORT_INTERVAL_S
                     elapsed = max(time.monotonic() - window_start, 1e-9)
                     metrics.update(dict(zip(keys, means)))
                     metrics["images_per_s"] = images_seen * self.world_size / elapsed
@@ -827,9 +840,12 @@ class _Trainer:
                 metrics.update(self._progress())
                 if self.step % plan["eval_every"] == 0 or self.step == max_iters:
                     self._evaluate_and_report(metrics)
+                    last_report = time.monotonic()
                 elif "loss" in metrics:
                     self.tracker.log_metrics(metrics, step=self.step)
-                    ray.train.report(metrics)  # [ray] training metrics (every worker calls it)
+                    if report_due:
+                        ray.train.report(metrics)  # [ray] training metrics (every worker calls it)
+                        last_report = time.monotonic()
                 if self.rank == 0 and ("loss" in metrics or "val_miou" in metrics):
                     say(progress_line(cfg.name, max_iters, metrics))
                 if self.step >= max_iters:
