@@ -238,12 +238,20 @@ def check_dataset(config: TrainConfig) -> Any:
             f"TrainConfig.arch_params: num_classes={given} but {config.data} has "
             f"{info.num_classes} classes {list(info.classes)}"
         )
-    _iters_per_epoch(config, info)
+    if isinstance(config.class_weights, (list, tuple)) and len(config.class_weights) != len(
+        info.classes
+    ):
+        raise PlanError(
+            f"TrainConfig.class_weights: {len(config.class_weights)} weights for "
+            f"{info.num_classes} classes of {config.data}"
+        )
+    _schedule(config, info)
     return info
 
 
-def _iters_per_epoch(config: TrainConfig, info: Any) -> int:
-    """Optimizer steps per epoch of the train split; PlanError when not even one fits."""
+def _schedule(config: TrainConfig, info: Any) -> tuple[int, int, int, int]:
+    """``(iters_per_epoch, max_iters, eval_every, checkpoint_every)``; PlanError when not even
+    one iteration fits the train split or checkpoints would fall between evaluations."""
     rows = info.splits[config.train_split]
     workers = max(config.num_workers, 1)  # local mode (0) runs one loop
     batches_per_worker = rows // workers // config.batch_size
@@ -255,14 +263,6 @@ def _iters_per_epoch(config: TrainConfig, info: Any) -> int:
             f"{config.grad_accum} (one iteration needs "
             f"{workers * config.batch_size * config.grad_accum} rows)"
         )
-    return iters_per_epoch
-
-
-def build_plan(config: TrainConfig) -> dict[str, Any]:
-    """What every worker needs beyond the config (see the module docstring)."""
-    info = check_dataset(config)
-    num_classes = info.num_classes
-    iters_per_epoch = _iters_per_epoch(config, info)
     max_iters = config.max_iters or config.epochs * iters_per_epoch
     eval_every = config.eval_every or iters_per_epoch
     checkpoint_every = config.checkpoint_every or eval_every
@@ -272,16 +272,20 @@ def build_plan(config: TrainConfig) -> dict[str, Any]:
             f"evaluation period {eval_every} (eval_every; default: one epoch = "
             f"{iters_per_epoch} iterations)"
         )
+    return iters_per_epoch, max_iters, eval_every, checkpoint_every
+
+
+def build_plan(config: TrainConfig, info: Any = None) -> dict[str, Any]:
+    """What every worker needs beyond the config (see the module docstring); ``info``: the
+    manifest ``check_dataset`` returned (read and checked here when not given)."""
+    info = info if info is not None else check_dataset(config)  # its checks raise PlanError
+    num_classes = info.num_classes
+    iters_per_epoch, max_iters, eval_every, checkpoint_every = _schedule(config, info)
     class_weights: list[float] | None = None
     if config.class_weights == "median_frequency":
         class_weights = class_statistics(config, num_classes, info.ignore_index)
     elif config.class_weights is not None:
         class_weights = [float(v) for v in config.class_weights]
-        if len(class_weights) != num_classes:
-            raise PlanError(
-                f"TrainConfig.class_weights: {len(class_weights)} weights for {num_classes} "
-                f"classes of {config.data}"
-            )
     _, _, run_uri = storage_for(config)
     mlflow_uri = _mlflow_uri(config)
     return {
@@ -419,7 +423,7 @@ def run(config: TrainConfig) -> Any:
     Refused before anything starts (not even Ray): DatasetError, PlanError; after joining the
     cluster: ClusterFitError, SharedStorageError.
     """
-    check_dataset(config)  # fail fast, before Ray starts
+    info = check_dataset(config)  # fail fast, before Ray starts
     ensure_ray(config)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -427,7 +431,7 @@ def run(config: TrainConfig) -> Any:
     from segplatform.train.loop import train_loop_per_worker
 
     logger.info("placement check passed: %s", check_placement(config))
-    plan = build_plan(config)
+    plan = build_plan(config, info)
     storage_path, storage_filesystem, run_uri = storage_for(config)
     resources: dict[str, float] | None = config.worker_bundle()
     if config.num_workers == 0:
