@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from segplatform.data.format import DatasetInfo, DatasetWriter, Sample
+from segplatform.train import TrainConfig
 
 CLASSES = ("background", "square", "bar")
 PALETTE = ((0, 0, 0), (220, 20, 60), (20, 200, 60))
@@ -110,6 +111,24 @@ def mni_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     uri = str(tmp_path_factory.mktemp("data") / "mni152-tissue")
     convert_builtin("mni152-tissue", uri, show_progress=False, stride=8)
     return uri
+
+
+# The small 2-worker U-Net the fault, outage and S3 tests train (keyword changes override).
+TINY_UNET: dict[str, object] = {
+    "arch": "unet",
+    "tiny": True,
+    "arch_params": {"padding": "same"},
+    "crop_size": (32, 32),
+    "batch_size": 2,
+    "num_workers": 2,
+    "overlay_samples": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_unet() -> Callable[..., TrainConfig]:
+    """Factory: ``TrainConfig`` of ``TINY_UNET`` with the given fields."""
+    return lambda **fields: TrainConfig(**{**TINY_UNET, **fields})
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,30 +23,20 @@ from segplatform.train import TrainConfig, run
 pytestmark = pytest.mark.slow
 
 
-def _config(data: str, storage: str, name: str, **changes: object) -> TrainConfig:
-    return TrainConfig(
-        arch="unet",
-        tiny=True,
-        arch_params={"padding": "same"},
-        data=data,
-        crop_size=(32, 32),
-        batch_size=2,
-        num_workers=2,
-        eval_every=2,
-        log_every=1,
-        storage_path=storage,
-        name=name,
-        overlay_samples=0,
-        **changes,
+def _config(
+    tiny_unet: Callable[..., TrainConfig], data: str, storage: str, name: str, **changes: object
+) -> TrainConfig:
+    return tiny_unet(
+        data=data, eval_every=2, log_every=1, storage_path=storage, name=name, **changes
     )
 
 
 def test_worker_exit_resumes_from_last_checkpoint(
-    ray_cluster: None, shapes_dataset: str, storage: str
+    ray_cluster: None, shapes_dataset: str, storage: str, tiny_unet: Callable[..., TrainConfig]
 ) -> None:
     config = _config(
-        shapes_dataset, storage, "worker-fault", max_iters=4, fail_at_step=3, fail_rank=1,
-        max_failures=1,
+        tiny_unet, shapes_dataset, storage, "worker-fault",
+        max_iters=4, fail_at_step=3, fail_rank=1, max_failures=1,
     )  # fmt: skip
     metrics = run(config).metrics
     assert metrics["step"] == 4
@@ -67,7 +58,11 @@ def _registered_steps(run_dir: Path) -> list[int]:
 
 
 def test_killed_driver_resubmitted_with_same_name_continues(
-    ray_cluster: None, shapes_dataset: str, storage: str, tmp_path: Path
+    ray_cluster: None,
+    shapes_dataset: str,
+    storage: str,
+    tmp_path: Path,
+    tiny_unet: Callable[..., TrainConfig],
 ) -> None:
     import ray
 
@@ -93,7 +88,7 @@ def test_killed_driver_resubmitted_with_same_name_continues(
         driver.wait(timeout=30)
         log.close()
     before = max(_registered_steps(run_dir))
-    config = _config(shapes_dataset, storage, "driver-kill", max_iters=before + 2)
+    config = _config(tiny_unet, shapes_dataset, storage, "driver-kill", max_iters=before + 2)
     metrics = run(config).metrics
     assert metrics["start_step"] >= 2  # continued from a checkpoint of the killed run
     assert metrics["step"] == before + 2

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +77,15 @@ def _restart(server: MLflowServer, port: int) -> None:
 
 
 def _config(
-    server: MLflowServer, shapes_dataset: str, storage: str, name: str, max_iters: int
+    tiny_unet: Callable[..., TrainConfig],
+    server: MLflowServer,
+    shapes_dataset: str,
+    storage: str,
+    name: str,
+    max_iters: int,
 ) -> TrainConfig:
-    return TrainConfig(
-        arch="unet",
-        tiny=True,
-        arch_params={"padding": "same"},
+    return tiny_unet(
         data=shapes_dataset,
-        crop_size=(32, 32),
-        batch_size=2,
-        num_workers=2,
         max_iters=max_iters,
         eval_every=EVAL_EVERY,
         checkpoint_every=max_iters,  # one checkpoint, at the end: evaluations are what is logged
@@ -206,12 +205,18 @@ def _assert_complete_and_finished(server: MLflowServer, name: str, max_iters: in
 
 
 def test_metrics_logged_during_an_outage_reach_mlflow_after_restart(
-    ray_cluster: None, mlflow_server: MLflowServer, shapes_dataset: str, tmp_path: Path
+    ray_cluster: None,
+    mlflow_server: MLflowServer,
+    shapes_dataset: str,
+    tmp_path: Path,
+    tiny_unet: Callable[..., TrainConfig],
 ) -> None:
     name = "outage-restart"
     port = mlflow_server.port
     storage = str(tmp_path / "runs")
-    training = _Training(_config(mlflow_server, shapes_dataset, storage, name, RESTART_ITERS))
+    training = _Training(
+        _config(tiny_unet, mlflow_server, shapes_dataset, storage, name, RESTART_ITERS)
+    )
     _wait_for_first_metrics(mlflow_server, name, training)
     _kill(mlflow_server)
     killed_after = max(_recorded_steps(name, "loss"))
@@ -245,12 +250,15 @@ def test_server_down_until_after_the_run_then_tracking_sync(
     shapes_dataset: str,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    tiny_unet: Callable[..., TrainConfig],
 ) -> None:
     caplog.set_level(logging.WARNING, logger="segplatform.tracking")
     name = "outage-until-end"
     port = mlflow_server.port
     storage = str(tmp_path / "runs")
-    training = _Training(_config(mlflow_server, shapes_dataset, storage, name, DOWN_ITERS))
+    training = _Training(
+        _config(tiny_unet, mlflow_server, shapes_dataset, storage, name, DOWN_ITERS)
+    )
     _wait_for_first_metrics(mlflow_server, name, training)
     _kill(mlflow_server)
     killed_at = time.monotonic()

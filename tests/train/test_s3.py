@@ -67,28 +67,22 @@ def test_s3_data_and_checkpoints_survive_a_server_restart(
     shapes_writer: Callable[..., Any],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    tiny_unet: Callable[..., TrainConfig],
 ) -> None:
     from segplatform.data.io import resolve
 
     options = s3.storage_options()
     data = f"s3://{BUCKET}/datasets/shapes"
     shapes_writer(data, storage_options=options)
-    config = TrainConfig(
-        arch="unet",
-        tiny=True,
-        arch_params={"padding": "same"},
+    config = tiny_unet(
         data=data,
         storage_options=options,
-        crop_size=(32, 32),
-        batch_size=2,
-        num_workers=2,
         max_iters=6,
         eval_every=2,
         log_every=1,
         storage_path=f"s3://{BUCKET}/runs",
         name="s3-run",
         max_failures=3,
-        overlay_samples=0,
     )
     outcome: dict[str, Any] = {}
 
