@@ -8,7 +8,9 @@ models at http://liangchiehchen.com/projects/DeepLabv2_resnet.html and ``DeepLab
 
 What the network is:
 - ResNet-101 (default) with atrous convolution and output stride 8 (§3.1, §4.1): layer3 dilated
-  by 2, layer4 by 4.
+  by 2, layer4 by 4. ``backbone`` also takes ``resnet50``/``resnet152`` and the smaller
+  ``resnet18``/``resnet34`` (basic units, 512 channels into ASPP; not in the paper); the ASPP
+  branches read the width the backbone reports.
 - ASPP-L (§3.2, Fig. 4, Table 3): parallel 3×3 atrous branches with rates (6, 12, 18, 24) whose
   class scores are **summed**. In the ResNet prototxt each branch is a single 3×3 dilated
   convolution 2048 → K (``fc1_voc12_c0..c3``, with bias, N(0, 0.01) init); in the VGG16 variant
@@ -63,7 +65,7 @@ class DeepLabV2Config:
 
     num_classes: int = 21  # K: channels of every ASPP branch's output
     in_channels: int = 3  # image channels (3 = RGB)
-    backbone: str = "resnet101"  # resnet50/101/152, resnet_tiny, vgg16 or vgg16_tiny
+    backbone: str = "resnet101"  # resnet18/34/50/101/152, resnet_tiny, vgg16 or vgg16_tiny
     pretrained_backbone: str | None = None  # path/URI of a torchvision ResNet/VGG16 state dict
     output_stride: int = 8  # 8 (paper) or 16 for ResNets; VGG16 is always 8
     atrous_rates: tuple[int, ...] = (6, 12, 18, 24)  # ASPP-L rates at stride 8 (Table 3)

@@ -7,9 +7,14 @@ Official code (TensorFlow): https://github.com/tensorflow/models/tree/master/res
 
 What the network is:
 - ResNet-101 (default) with atrous convolution at output stride 16 (default) or 8 (§3.1, §4.1).
+  ``backbone`` also takes ``resnet50``/``resnet152`` and the smaller ``resnet18``/``resnet34``
+  (basic units, 512 channels into ASPP; not in the paper); ASPP and the auxiliary head read the
+  widths the backbone reports.
 - Multi-grid (§3.2, §4.1): the three units of block4 (layer4) use rates
   ``base_rate * multi_grid`` with the default ``multi_grid=(1, 2, 4)``: (2, 4, 8) at output
-  stride 16 and (4, 8, 16) at output stride 8.
+  stride 16 and (4, 8, 16) at output stride 8. In ResNet-18/34 (basic units) a unit's rate
+  applies to both of its 3×3 convs; ResNet-18's block4 has two units and takes the leading
+  rates, (1, 2).
 - ASPP with batch norm (§3.3, Fig. 5): a 1×1 convolution and three 3×3 atrous convolutions with
   rates (6, 12, 18) at output stride 16, 256 channels each, every one followed by BN and ReLU;
   image-level features: global average pooling, 1×1 convolution to 256, BN, ReLU, bilinear
@@ -72,7 +77,7 @@ class DeepLabV3Config:
 
     num_classes: int = 21  # K: logits channels
     in_channels: int = 3  # image channels (3 = RGB)
-    backbone: str = "resnet101"  # resnet50, resnet101, resnet152 or resnet_tiny (tests)
+    backbone: str = "resnet101"  # resnet18/34/50/101/152 or resnet_tiny (tests)
     pretrained_backbone: str | None = None  # path/URI of a torchvision ResNet state dict
     output_stride: int = 16  # 16 or 8 (§3.1); ASPP rates scale by 16 / output_stride
     atrous_rates: tuple[int, ...] = (6, 12, 18)  # ASPP 3×3 rates *at output stride 16* (§3.3)

@@ -61,6 +61,12 @@ Deviations from the paper / released model:
   Caffe's Interp layer.
 - The paper's ICNet (§3.2) describes PSPNet's concatenating pyramid pooling; the released model sums
   the pooled levels (no extra parameters), which is what is built here.
+- ``backbone="resnet18"`` / ``"resnet34"`` build the trunk from basic units (torchvision's
+  ``BasicBlock`` layout, dilated as ``architectures.backbones.DilatedBasicBlock``: both 3×3 convs
+  at the stage's rate), not in the paper: stage outputs are w64 … w512 instead of 4·w64 … 4·w512
+  (conv3_1 64 and conv5_3 256 channels at width 0.5, 128 and 512 at width 1.0), and the CFF units
+  and the reduction read those widths. layer1's first unit reads the stem's 2·w64 channels
+  through a projection shortcut, as in semseg's deep-base ResNet-18/34.
 - ``backbone="resnet_tiny"`` (one unit per stage) exists for CPU tests only.
 """
 
@@ -74,7 +80,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from architectures.backbones import RESNET_DEPTHS, load_pretrained
+from architectures.backbones import (
+    RESNET_DEPTHS,
+    DilatedBasicBlock,
+    load_pretrained,
+    resnet_block,
+)
 
 __all__ = [
     "CascadeFeatureFusion",
@@ -84,7 +95,7 @@ __all__ = [
     "SumPyramidPooling",
 ]
 
-_ICNET_BACKBONES = ("resnet50", "resnet101", "resnet_tiny")
+_ICNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_tiny")
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ class ICNetConfig:
 
     num_classes: int = 19  # K output classes (Cityscapes: 19)
     in_channels: int = 3  # input image channels
-    backbone: str = "resnet50"  # unit counts of the trunk: resnet50 | resnet101 | resnet_tiny
+    backbone: str = "resnet50"  # trunk units: resnet18/34/50/101 or resnet_tiny (tests)
     pretrained_backbone: str | None = None  # path/URI of a torchvision ResNet state dict, or None
     width_multiplier: float = 0.5  # trunk/full-branch width w.r.t. ResNet-50 (0.5 released, 1.0)
     bins: tuple[int, ...] = (1, 2, 3, 6)  # pyramid bin sizes, summed into the 1/32 features
@@ -169,6 +180,7 @@ def _half(x: Tensor) -> Tensor:
 
 
 def _make_stage(
+    block: type[Bottleneck] | type[DilatedBasicBlock],
     inplanes: int,
     planes: int,
     blocks: int,
@@ -177,22 +189,17 @@ def _make_stage(
     dilation: int,
     norm_layer: Callable[..., nn.Module],
 ) -> nn.Sequential:
-    """A torchvision-layout ResNet stage of ``Bottleneck`` units (downsample: 1×1 conv + BN)."""
+    """A torchvision-layout ResNet stage of ``block`` units (downsample: 1×1 conv + BN)."""
+    out_channels = planes * block.expansion
     downsample = None
-    if stride != 1 or inplanes != planes * Bottleneck.expansion:
+    if stride != 1 or inplanes != out_channels:
         downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
-            norm_layer(planes * Bottleneck.expansion),
+            nn.Conv2d(inplanes, out_channels, 1, stride=stride, bias=False),
+            norm_layer(out_channels),
         )
-    units = [
-        Bottleneck(inplanes, planes, stride, downsample, dilation=dilation, norm_layer=norm_layer)
-    ]
+    units = [block(inplanes, planes, stride, downsample, dilation=dilation, norm_layer=norm_layer)]
     for _ in range(1, blocks):
-        units.append(
-            Bottleneck(
-                planes * Bottleneck.expansion, planes, dilation=dilation, norm_layer=norm_layer
-            )
-        )
+        units.append(block(out_channels, planes, dilation=dilation, norm_layer=norm_layer))
     return nn.Sequential(*units)
 
 
@@ -201,6 +208,8 @@ class ICNetTrunk(nn.Module):
 
     ``stem`` (three 3×3 convs) → max-pool → ``layer1`` → ``layer2[0]`` (conv3_1, stride 2) is the
     half branch; ``layer2[1:]`` → ``layer3`` (rate 2) → ``layer4`` (rate 4) is the quarter branch.
+    Units are ``block`` (``Bottleneck``, expansion e = 4, or ``DilatedBasicBlock``, e = 1);
+    ``half_channels`` and ``out_channels`` report the widths the heads read.
     """
 
     def __init__(
@@ -209,6 +218,7 @@ class ICNetTrunk(nn.Module):
         width_multiplier: float,
         in_channels: int,
         norm_layer: Callable[..., nn.Module],
+        block: type[Bottleneck] | type[DilatedBasicBlock] = Bottleneck,
     ) -> None:
         super().__init__()
         stem_width = _scaled(64, width_multiplier)
@@ -225,6 +235,7 @@ class ICNetTrunk(nn.Module):
             stride, dilation = ((1, 1), (2, 1), (1, 2), (1, 4))[i]
             stages.append(
                 _make_stage(
+                    block,
                     inplanes,
                     width,
                     units,
@@ -233,23 +244,23 @@ class ICNetTrunk(nn.Module):
                     norm_layer=norm_layer,
                 )
             )
-            inplanes = width * Bottleneck.expansion
+            inplanes = width * block.expansion
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.half_channels = planes[1] * Bottleneck.expansion  # conv3_1 output width
-        self.out_channels = planes[3] * Bottleneck.expansion  # conv5_3 output width
+        self.half_channels = planes[1] * block.expansion  # conv3_1 output width
+        self.out_channels = planes[3] * block.expansion  # conv5_3 output width
 
     def forward_half(self, x_half: Tensor) -> Tensor:
         """Half-resolution input (H/2) → conv3_1 features at H/16."""
         x = self.maxpool(self.stem(x_half))  # (N, 2·w64, H/8, W/8)
-        x = self.layer1(x)  # (N, 4·w64, H/8, W/8)
-        return self.layer2[0](x)  # (N, 4·w128, H/16, W/16)
+        x = self.layer1(x)  # (N, e·w64, H/8, W/8)
+        return self.layer2[0](x)  # (N, e·w128, H/16, W/16)
 
     def forward_quarter(self, conv3_1: Tensor) -> Tensor:
         """conv3_1 features → downsampled ×2 → rest of the dilated ResNet, at H/32."""
-        x = _half(conv3_1)  # (N, 4·w128, H/32, W/32)
-        x = self.layer2[1:](x)  # (N, 4·w128, H/32, W/32)
-        x = self.layer3(x)  # (N, 4·w256, H/32, W/32)
-        return self.layer4(x)  # (N, 4·w512, H/32, W/32)
+        x = _half(conv3_1)  # (N, e·w128, H/32, W/32)
+        x = self.layer2[1:](x)  # (N, e·w128, H/32, W/32)
+        x = self.layer3(x)  # (N, e·w256, H/32, W/32)
+        return self.layer4(x)  # (N, e·w512, H/32, W/32)
 
 
 class SumPyramidPooling(nn.Module):
@@ -302,9 +313,9 @@ class ICNet(nn.Module):
         super().__init__()
         self.config = config
         width = config.width_multiplier
-        self.trunk = ICNetTrunk(
-            RESNET_DEPTHS[config.backbone], width, config.in_channels, norm_layer
-        )
+        depths = RESNET_DEPTHS[config.backbone]
+        block = resnet_block(config.backbone)
+        self.trunk = ICNetTrunk(depths, width, config.in_channels, norm_layer, block)
         if config.pretrained_backbone:
             load_pretrained(self.trunk, config.pretrained_backbone)
         self.pyramid = SumPyramidPooling(config.bins)

@@ -108,7 +108,7 @@ class MaskRCNNConfig:
     num_classes: int = 91  # classes incl. background 0 (torchvision's COCO label space: 91)
     in_channels: int = 3  # image channels
     version: int = 1  # 1: maskrcnn_resnet50_fpn; 2: maskrcnn_resnet50_fpn_v2 (BN heads, 2-conv RPN)
-    backbone: str = "resnet50"  # ResNet body: resnet50 / resnet101 / resnet152 / resnet_tiny
+    backbone: str = "resnet50"  # ResNet body: resnet18/34/50/101/152 or resnet_tiny (tests)
     pretrained_backbone: str | None = None  # path/URI of a torchvision ResNet state dict
     pretrained: str | None = None  # path/URI of a full torchvision Mask R-CNN state dict
     trainable_backbone_layers: int | None = None  # 0..5 body stages trained; None: 3 w/ weights, 5

@@ -7,9 +7,9 @@ and the authors' PyTorch reimplementation https://github.com/hszhao/semseg (``mo
 
 Structure (paper §3.2–3.3, Fig. 3; semseg ``PPM``/``PSPNet``):
 - ResNet with dilated layer3/layer4 (output stride 8: layer3 rate 2, layer4 rate 4).
-- Pyramid pooling module on layer4 (C = 2048 channels): for each bin size b, adaptive average
-  pooling to b×b, 1×1 conv to ``C // len(bins)`` channels + BN + ReLU, bilinear upsampling to the
-  feature size; the levels are concatenated with the features.
+- Pyramid pooling module on layer4 (C = 2048 channels; 512 for ResNet-18/34): for each bin size
+  b, adaptive average pooling to b×b, 1×1 conv to ``C // len(bins)`` channels + BN + ReLU,
+  bilinear upsampling to the feature size; the levels are concatenated with the features.
 - Head: 3×3 conv 512 + BN + ReLU, dropout 0.1, 1×1 conv to K, bilinear upsampling to the input.
 - Auxiliary head on layer3 (res4b22 in the paper, §4 "deep supervision"): 3×3 conv 256 + BN + ReLU,
   dropout 0.1, 1×1 conv to K; its loss is weighted 0.4 (``aux_weight``), training mode only.
@@ -18,6 +18,10 @@ Defaults: ResNet-101, the backbone of the paper's PASCAL VOC (82.6 test mIoU) an
 (78.4 test) models and of the released ``pspnet101_VOC2012`` / ``pspnet101_cityscapes`` weights;
 ResNet-50 (``backbone="resnet50"``) is the ADE20K ablation network of Tables 1–4 (41.68 val mIoU,
 released as ``pspnet50_ADE20K``) and the "PSPNet-50" that ICNet compares against.
+``resnet152`` and the smaller ``resnet18``/``resnet34`` (basic units, not in the paper; with
+``deep_stem=True`` laid out as semseg's deep-base ``resnet18``/``resnet34``) are also accepted; the
+pyramid, the head and the auxiliary head size themselves from the widths the backbone reports
+(layer3 256 and layer4 512 channels for ResNet-18/34).
 
 Deviations from the paper:
 - Stem: torchvision's single 7×7 conv by default, so torchvision ImageNet weights load through
@@ -44,11 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from architectures.backbones import ResNet, load_pretrained
+from architectures.backbones import RESNET_DEPTHS, ResNet, load_pretrained
 
 __all__ = ["PSPNet", "PSPNetConfig", "PyramidPoolingModule"]
 
-_PSP_BACKBONES = ("resnet50", "resnet101", "resnet152", "resnet_tiny")
+_PSP_BACKBONES = tuple(RESNET_DEPTHS)
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class PSPNetConfig:
 
     num_classes: int = 21  # K output classes (PASCAL VOC 2012: 20 + background)
     in_channels: int = 3  # input image channels
-    backbone: str = "resnet101"  # resnet50 | resnet101 | resnet152 | resnet_tiny
+    backbone: str = "resnet101"  # resnet18/34/50/101/152 or resnet_tiny (tests)
     pretrained_backbone: str | None = None  # path/URI of torchvision ResNet weights, or None
     output_stride: int = 8  # backbone output stride: 8 (paper) or 16
     bins: tuple[int, ...] = (1, 2, 3, 6)  # pyramid bin sizes (b×b pooled maps per level)

@@ -23,13 +23,16 @@ Structure (paper §3, Fig. 2 and 3; the 4-cascaded RefineNet of Fig. 2c):
   4. output conv: one RCU.
 - RefineNet-1's output (1/4 resolution, 256 channels) → dropout 0.5 → 3×3 conv to K → bilinear
   upsampling to the input (the official loss group: dropout 0.5 and a 3×3 classifier).
-- As in the official feature network, dropout 0.5 is applied to the backbone outputs wider than 512
-  channels (layer3 and layer4; ``add_init_net_dropout``).
+- As in the official feature network, dropout 0.5 is applied to layer3 and layer4 (the backbone
+  outputs wider than 512 channels in its ResNets; ``add_init_net_dropout``), whatever the backbone.
 Convolution biases follow the official code: the first conv of an RCU has a bias; the second RCU
 conv and the adaptation, fusion and pooling convs ("dim_reduce" layers) have none.
 
 Published: PASCAL VOC 2012 test 83.4 mIoU (ResNet-152), Cityscapes test
-73.6 (ResNet-101). The default backbone here is ResNet-101, the paper's main network.
+73.6 (ResNet-101). The default backbone here is ResNet-101, the paper's main network; ``backbone``
+also takes ``resnet50``/``resnet152`` and the smaller ``resnet18``/``resnet34`` (basic units,
+levels of 64/128/256/512 channels; not in the paper). The adaptation convs read the widths the
+backbone reports.
 
 Deviations from the paper:
 - The released code (``gen_refine_config_basic``) sets ``chained_pool_num = 2`` with 4 as the
@@ -55,7 +58,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from architectures.backbones import ResNet, load_pretrained
+from architectures.backbones import RESNET_DEPTHS, ResNet, load_pretrained
 
 __all__ = [
     "ChainedResidualPooling",
@@ -66,7 +69,7 @@ __all__ = [
     "ResidualConvUnit",
 ]
 
-_REFINENET_BACKBONES = ("resnet50", "resnet101", "resnet152", "resnet_tiny")
+_REFINENET_BACKBONES = tuple(RESNET_DEPTHS)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class RefineNetConfig:
 
     num_classes: int = 21  # K output classes (PASCAL VOC 2012: 20 + background)
     in_channels: int = 3  # input image channels
-    backbone: str = "resnet101"  # resnet50 | resnet101 | resnet152 | resnet_tiny
+    backbone: str = "resnet101"  # resnet18/34/50/101/152 or resnet_tiny (tests)
     pretrained_backbone: str | None = None  # path/URI of torchvision ResNet weights, or None
     crp_stages: int = 4  # chained residual pooling stages (pool + conv) per block
     widths: tuple[int, int, int, int] = (512, 256, 256, 256)  # RefineNet-4, -3, -2, -1 widths
@@ -214,6 +217,7 @@ class RefineNet(nn.Module):
         if config.pretrained_backbone:
             load_pretrained(self.backbone, config.pretrained_backbone)
         levels = ("layer4", "layer3", "layer2", "layer1")  # coarse (1/32) to fine (1/4)
+        self._dropout_levels = frozenset({"layer4", "layer3"})  # as the official feature network
         channels = {f.name: f.channels for f in self.backbone.feature_info}
         self.levels = levels
         self.level_dropout = nn.Dropout(config.backbone_dropout)
@@ -250,7 +254,7 @@ class RefineNet(nn.Module):
         refined: Tensor | None = None
         for name, adapter, block in zip(self.levels, self.adapters, self.blocks):
             level = features[name]  # (N, C_l, H/s_l, W/s_l)
-            if level.shape[1] > 512:  # layer3 and layer4, as in the official feature network
+            if name in self._dropout_levels:
                 level = self.level_dropout(level)
             level = adapter(level)  # (N, width_l, H/s_l, W/s_l)
             refined = block(level) if refined is None else block(refined, level)

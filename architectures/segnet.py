@@ -124,7 +124,7 @@ class SegNet(nn.Module):
         feats = self.encoder(x)  # pool5: (N, 512, ⌈H/32⌉, ⌈W/32⌉), plus indices and sizes
         h = feats["pool5"]
         for level, block in zip(range(5, 0, -1), self.decoder):
-            size = [int(s) for s in feats[f"size{level}"]]
+            size = feats[f"size{level}"]  # the pre-pool (H_l, W_l)
             h = self.unpool(h, feats[f"indices{level}"], output_size=size)  # (N, C, H_l, W_l)
             h = block(h)  # (N, C', H_l, W_l)
         return {"out": self.classifier(h)}  # (N, K, H, W)

@@ -114,7 +114,7 @@ def test_fusion_convolves_each_path_upsamples_to_the_largest_and_sums() -> None:
     [
         ("crp_stages", 0),
         ("widths", (256, 256, 256)),
-        ("backbone", "resnet18"),
+        ("backbone", "vgg16"),
         ("classifier_dropout", -0.1),
     ],
 )
