@@ -5,8 +5,13 @@ Paper recipe (arXiv:1412.7062 §4.1):
   multiplied by 0.1 every 2000 iterations, momentum 0.9, weight decay 5e-4, 6000 iterations,
   306×306 crops.
 
-Scaled to the cluster: ``batch_size`` is per worker; the learning rate is scaled linearly from the
-paper's total batch of 20 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
+Two recipes: the paper's (above) fine-tunes a pretrained backbone and runs when
+``--pretrained-backbone URI`` is given; otherwise the from-scratch recipe runs (``from_scratch``:
+AdamW lr 1e-3 for a total batch of 8, weight decay 0.01, poly decay, gradient clipping at 1, the
+paper's crops and schedule), since the paper's learning rates barely move random weights.
+
+Scaled to the cluster: ``batch_size`` is per worker; the paper's learning rate is scaled linearly
+from its total batch of 20 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
 
 Deviations: the step schedule is replaced by the poly schedule (power 0.9) used from DeepLab v2
 on; the classifier's 10× rate applies to every non-backbone parameter (head_lr_mult).
@@ -26,25 +31,28 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, job_main
+from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
 from segplatform.train.config import TrainConfig
 
+PAPER = TrainConfig(
+    arch="deeplab_v1",
+    crop_size=(306, 306),
+    scale_range=(1.0, 1.0),
+    batch_size=2,
+    max_iters=6000,
+    optimizer="sgd",
+    lr=0.001,
+    momentum=0.9,
+    weight_decay=0.0005,
+    poly_power=0.9,
+    head_lr_mult=10.0,
+    loss="ce",
+    eval_recipe={"crf": False},
+)
+
 RECIPE = JobRecipe(
-    config=TrainConfig(
-        arch="deeplab_v1",
-        crop_size=(306, 306),
-        scale_range=(1.0, 1.0),
-        batch_size=2,
-        max_iters=6000,
-        optimizer="sgd",
-        lr=0.001,
-        momentum=0.9,
-        weight_decay=0.0005,
-        poly_power=0.9,
-        head_lr_mult=10.0,
-        loss="ce",
-        eval_recipe={"crf": False},
-    ),
+    config=PAPER,
+    scratch=from_scratch(PAPER),
     reference_batch=20,
     description="DeepLab v1: SGD lr 1e-3 (batch 20, head x10), momentum 0.9, 6000 iterations.",
 )

@@ -5,8 +5,13 @@ Paper recipe (arXiv:1606.00915 §4):
   20K iterations, momentum 0.9, weight decay 5e-4, 321×321 crops, random scaling 0.5-1.5
   (§4.1), classifier learning rate ×10.
 
-Scaled to the cluster: ``batch_size`` is per worker; the learning rate is scaled linearly from the
-paper's total batch of 10 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
+Two recipes: the paper's (above) fine-tunes a pretrained backbone and runs when
+``--pretrained-backbone URI`` is given; otherwise the from-scratch recipe runs (``from_scratch``:
+AdamW lr 1e-3 for a total batch of 8, weight decay 0.01, poly decay, gradient clipping at 1, the
+paper's crops and schedule), since the paper's learning rates barely move random weights.
+
+Scaled to the cluster: ``batch_size`` is per worker; the paper's learning rate is scaled linearly
+from its total batch of 10 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
 
 Deviations: none in the schedule; the multi-scale-input training (MSC) and COCO pre-training of the
 best VOC model are not part of this recipe.
@@ -26,24 +31,27 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, job_main
+from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
 from segplatform.train.config import TrainConfig
 
+PAPER = TrainConfig(
+    arch="deeplab_v2",
+    crop_size=(321, 321),
+    scale_range=(0.5, 1.5),
+    batch_size=2,
+    max_iters=20000,
+    optimizer="sgd",
+    lr=0.00025,
+    momentum=0.9,
+    weight_decay=0.0005,
+    poly_power=0.9,
+    head_lr_mult=10.0,
+    loss="ce",
+)
+
 RECIPE = JobRecipe(
-    config=TrainConfig(
-        arch="deeplab_v2",
-        crop_size=(321, 321),
-        scale_range=(0.5, 1.5),
-        batch_size=2,
-        max_iters=20000,
-        optimizer="sgd",
-        lr=0.00025,
-        momentum=0.9,
-        weight_decay=0.0005,
-        poly_power=0.9,
-        head_lr_mult=10.0,
-        loss="ce",
-    ),
+    config=PAPER,
+    scratch=from_scratch(PAPER),
     reference_batch=10,
     description="DeepLab v2: poly lr 2.5e-4 (batch 10, head x10), 20K iterations, 321 crops.",
 )

@@ -5,8 +5,13 @@ Paper recipe (arXiv:1706.05587 §4):
   30K iterations on the augmented VOC train set, random scaling 0.5-2.0 and left-right flips,
   batch norm trained (decay 0.9997).
 
-Scaled to the cluster: ``batch_size`` is per worker; the learning rate is scaled linearly from the
-paper's total batch of 16 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
+Two recipes: the paper's (above) fine-tunes a pretrained backbone and runs when
+``--pretrained-backbone URI`` is given; otherwise the from-scratch recipe runs (``from_scratch``:
+AdamW lr 1e-3 for a total batch of 8, weight decay 0.01, poly decay, gradient clipping at 1, the
+paper's crops and schedule), since the paper's learning rates barely move random weights.
+
+Scaled to the cluster: ``batch_size`` is per worker; the paper's learning rate is scaled linearly
+from its total batch of 16 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
 
 Deviations: weight decay 1e-4 and momentum 0.9 are the official code's defaults; the second
 stage (output stride 8, frozen batch norm) is a separate run with --arch-param output_stride=8.
@@ -26,24 +31,27 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, job_main
+from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
 from segplatform.train.config import TrainConfig
 
+PAPER = TrainConfig(
+    arch="deeplab_v3",
+    crop_size=(513, 513),
+    scale_range=(0.5, 2.0),
+    batch_size=2,
+    max_iters=30000,
+    optimizer="sgd",
+    lr=0.007,
+    momentum=0.9,
+    weight_decay=0.0001,
+    poly_power=0.9,
+    loss="ce",
+    arch_params={"output_stride": 16},
+)
+
 RECIPE = JobRecipe(
-    config=TrainConfig(
-        arch="deeplab_v3",
-        crop_size=(513, 513),
-        scale_range=(0.5, 2.0),
-        batch_size=2,
-        max_iters=30000,
-        optimizer="sgd",
-        lr=0.007,
-        momentum=0.9,
-        weight_decay=0.0001,
-        poly_power=0.9,
-        loss="ce",
-        arch_params={"output_stride": 16},
-    ),
+    config=PAPER,
+    scratch=from_scratch(PAPER),
     reference_batch=16,
     description="DeepLab v3: poly lr 0.007 (batch 16), 30K iterations, 513 crops, OS 16.",
 )

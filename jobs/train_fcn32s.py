@@ -5,8 +5,13 @@ Paper recipe (arXiv:1411.4038 §4.3):
   (FCN-VGG16, §4.3), whole images (no crop, no scale augmentation: "no noticeable improvement"),
   random mirroring; PASCAL VOC 2011 train + SBD.
 
-Scaled to the cluster: ``batch_size`` is per worker; the learning rate is scaled linearly from the
-paper's total batch of 20 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
+Two recipes: the paper's (above) fine-tunes a pretrained backbone and runs when
+``--pretrained-backbone URI`` is given; otherwise the from-scratch recipe runs (``from_scratch``:
+AdamW lr 1e-3 for a total batch of 8, weight decay 0.01, poly decay, gradient clipping at 1, the
+paper's crops and schedule), since the paper's learning rates barely move random weights.
+
+Scaled to the cluster: ``batch_size`` is per worker; the paper's learning rate is scaled linearly
+from its total batch of 20 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
 
 Deviations: the paper trains FCN-16s/8s in stages from the coarser net with a 100× lower
 rate; each job here trains from the backbone with the FCN-32s rate. Biases do not get the doubled
@@ -28,24 +33,27 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, job_main
+from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
 from segplatform.train.config import TrainConfig
 
+PAPER = TrainConfig(
+    arch="fcn32s",
+    crop_size=(512, 512),
+    scale_range=(1.0, 1.0),
+    batch_size=2,
+    max_iters=None,
+    epochs=50,
+    optimizer="sgd",
+    lr=0.0001,
+    momentum=0.9,
+    weight_decay=0.0005,
+    poly_power=0.0,
+    loss="ce",
+)
+
 RECIPE = JobRecipe(
-    config=TrainConfig(
-        arch="fcn32s",
-        crop_size=(512, 512),
-        scale_range=(1.0, 1.0),
-        batch_size=2,
-        max_iters=None,
-        epochs=50,
-        optimizer="sgd",
-        lr=0.0001,
-        momentum=0.9,
-        weight_decay=0.0005,
-        poly_power=0.0,
-        loss="ce",
-    ),
+    config=PAPER,
+    scratch=from_scratch(PAPER),
     reference_batch=20,
     description="FCN-32s: SGD lr 1e-4 (batch 20), momentum 0.9, wd 5e-4, fixed lr, whole images.",
 )

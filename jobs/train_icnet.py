@@ -5,8 +5,13 @@ Paper recipe (arXiv:1704.08545 §5):
   30K iterations on Cityscapes, cascade label guidance with loss weights 0.4 (1/16), 0.4 (1/8) and
   1 (1/4; the model's loss_weights), labels downsampled to each output's resolution.
 
-Scaled to the cluster: ``batch_size`` is per worker; the learning rate is scaled linearly from the
-paper's total batch of 16 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
+Two recipes: the paper's (above) fine-tunes a pretrained backbone and runs when
+``--pretrained-backbone URI`` is given; otherwise the from-scratch recipe runs (``from_scratch``:
+AdamW lr 1e-3 for a total batch of 8, weight decay 0.01, poly decay, gradient clipping at 1, the
+paper's crops and schedule), since the paper's learning rates barely move random weights.
+
+Scaled to the cluster: ``batch_size`` is per worker; the paper's learning rate is scaled linearly
+from its total batch of 16 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
 
 Deviations: the crop size (800×800) is an assumption (the paper trains on Cityscapes' 1024×2048
 frames); random scaling 0.5-2.0 as in PSPNet, whose recipe ICNet follows.
@@ -26,23 +31,26 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, job_main
+from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
 from segplatform.train.config import TrainConfig
 
+PAPER = TrainConfig(
+    arch="icnet",
+    crop_size=(800, 800),
+    scale_range=(0.5, 2.0),
+    batch_size=2,
+    max_iters=30000,
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0001,
+    poly_power=0.9,
+    loss="ce",
+)
+
 RECIPE = JobRecipe(
-    config=TrainConfig(
-        arch="icnet",
-        crop_size=(800, 800),
-        scale_range=(0.5, 2.0),
-        batch_size=2,
-        max_iters=30000,
-        optimizer="sgd",
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=0.0001,
-        poly_power=0.9,
-        loss="ce",
-    ),
+    config=PAPER,
+    scratch=from_scratch(PAPER),
     reference_batch=16,
     description="ICNet: poly lr 0.01 (batch 16), 30K iterations, cascade losses 0.4/0.4/1.",
 )

@@ -5,8 +5,13 @@ Paper recipe (arXiv:1703.06870 §3.1):
   (2 per GPU), 160K iterations with the rate divided by 10 at 120K, linear warmup (Detectron),
   horizontal flips; the model resizes images itself (shorter side 800).
 
-Scaled to the cluster: ``batch_size`` is per worker; the learning rate is scaled linearly from the
-paper's total batch of 16 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
+Two recipes: the paper's (above) fine-tunes a pretrained backbone and runs when
+``--pretrained-backbone URI`` is given; otherwise the from-scratch recipe runs (``from_scratch``:
+AdamW lr 1e-3 for a total batch of 8, weight decay 0.01, poly decay, gradient clipping at 1, the
+paper's crops and schedule), since the paper's learning rates barely move random weights.
+
+Scaled to the cluster: ``batch_size`` is per worker; the paper's learning rate is scaled linearly
+from its total batch of 16 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
 
 Deviations: the step decay is replaced by the poly schedule; images are padded/cropped to
 800×800 so that a batch stacks; instances come from the dataset's instance map or connected
@@ -27,25 +32,28 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, job_main
+from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
 from segplatform.train.config import TrainConfig
 
+PAPER = TrainConfig(
+    arch="mask_rcnn",
+    crop_size=(800, 800),
+    scale_range=(1.0, 1.0),
+    batch_size=2,
+    max_iters=160000,
+    optimizer="sgd",
+    lr=0.02,
+    momentum=0.9,
+    weight_decay=0.0001,
+    poly_power=0.9,
+    warmup_iters=500,
+    warmup_factor=0.333,
+    grad_clip=None,
+)
+
 RECIPE = JobRecipe(
-    config=TrainConfig(
-        arch="mask_rcnn",
-        crop_size=(800, 800),
-        scale_range=(1.0, 1.0),
-        batch_size=2,
-        max_iters=160000,
-        optimizer="sgd",
-        lr=0.02,
-        momentum=0.9,
-        weight_decay=0.0001,
-        poly_power=0.9,
-        warmup_iters=500,
-        warmup_factor=0.333,
-        grad_clip=None,
-    ),
+    config=PAPER,
+    scratch=from_scratch(PAPER),
     reference_batch=16,
     description="Mask R-CNN: SGD lr 0.02 (batch 16), momentum 0.9, wd 1e-4, 160K iterations.",
 )

@@ -4,8 +4,13 @@ Paper recipe (arXiv:1511.00561 §4.1):
 - SGD, fixed learning rate 0.1, momentum 0.9, minibatch of 12 images shuffled each epoch,
   CamVid 360×480 images, cross-entropy with median frequency class balancing (§4.1).
 
-Scaled to the cluster: ``batch_size`` is per worker; the learning rate is scaled linearly from the
-paper's total batch of 12 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
+Two recipes: the paper's (above) fine-tunes a pretrained backbone and runs when
+``--pretrained-backbone URI`` is given; otherwise the from-scratch recipe runs (``from_scratch``:
+AdamW lr 1e-3 for a total batch of 8, weight decay 0.01, poly decay, gradient clipping at 1, the
+paper's crops and schedule), since the paper's learning rates barely move random weights.
+
+Scaled to the cluster: ``batch_size`` is per worker; the paper's learning rate is scaled linearly
+from its total batch of 12 to ``batch_size × workers × grad_accum`` (``--lr`` overrides it).
 
 Deviations: weight decay 5e-4 from the official Caffe solver (the paper does not state one);
 a fixed 100 epochs instead of "until convergence"; no resizing, images cropped/padded to 360×480.
@@ -25,25 +30,28 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, job_main
+from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
 from segplatform.train.config import TrainConfig
 
+PAPER = TrainConfig(
+    arch="segnet",
+    crop_size=(360, 480),
+    scale_range=(1.0, 1.0),
+    batch_size=2,
+    max_iters=None,
+    epochs=100,
+    optimizer="sgd",
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=0.0005,
+    poly_power=0.0,
+    loss="ce",
+    class_weights="median_frequency",
+)
+
 RECIPE = JobRecipe(
-    config=TrainConfig(
-        arch="segnet",
-        crop_size=(360, 480),
-        scale_range=(1.0, 1.0),
-        batch_size=2,
-        max_iters=None,
-        epochs=100,
-        optimizer="sgd",
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=0.0005,
-        poly_power=0.0,
-        loss="ce",
-        class_weights="median_frequency",
-    ),
+    config=PAPER,
+    scratch=from_scratch(PAPER),
     reference_batch=12,
     description="SegNet: SGD lr 0.1 (batch 12), momentum 0.9, median frequency weights.",
 )

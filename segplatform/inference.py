@@ -38,7 +38,7 @@ class InferenceRecipe:
 
     mode: str = "whole"  # "whole" or "slide"
     crop_size: tuple[int, int] | None = None  # slide window (H, W); required for "slide"
-    stride: tuple[int, int] | None = None  # slide step; default two thirds of the window
+    stride: tuple[int, int] | None = None  # slide step <= crop_size; default two thirds of it
     flip: bool = False  # add the horizontally flipped prediction
     scales: tuple[float, ...] = (1.0,)  # resize factors, predictions averaged
     crf: bool = False  # dense CRF on the averaged probabilities (needs the `crf` extra)
@@ -55,6 +55,12 @@ class InferenceRecipe:
                 if len(value) != 2 or min(value) < 1:
                     raise ValueError(f"{name} must be two positive ints, got {value}")
                 object.__setattr__(self, name, value)
+        crop, stride = self.crop_size, self.stride
+        if crop is not None and stride is not None and (stride[0] > crop[0] or stride[1] > crop[1]):
+            raise ValueError(
+                f"stride {stride} must not exceed crop_size {crop}: "
+                "windows would leave pixels between them unpredicted"
+            )
         scales = tuple(float(s) for s in self.scales)
         if not scales or min(scales) <= 0:
             raise ValueError(f"scales must be positive numbers, got {self.scales}")

@@ -97,6 +97,29 @@ class LocalPlatformError(RuntimeError):
     """The local platform could not be started, found or stopped."""
 
 
+class ClusterAddressError(ValueError):
+    """A Ray address that names a dashboard (HTTP) rather than a cluster to join."""
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The Ray address to join: ``address`` or ``RAY_ADDRESS``; the dashboard URL of the local
+    platform (what ``segplatform local env`` exports, for ``ray job submit``) is turned into its
+    GCS address. None: start a local Ray. Another dashboard URL raises ``ClusterAddressError``
+    (``ray.init`` cannot join through the dashboard)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or not address.startswith(("http://", "https://")):
+        return address
+    with contextlib.suppress(Exception):
+        state = LocalPlatform().read_state()
+        head = (state or {}).get("services", {}).get("ray_head", {})
+        if head.get("dashboard_url", "").rstrip("/") == address.rstrip("/"):
+            return head["gcs_address"]
+    raise ClusterAddressError(
+        f"RAY_ADDRESS={address} is a dashboard URL: give the cluster's GCS address (HOST:PORT), "
+        "or submit the command as a job: ray job submit --address URL -- ..."
+    )
+
+
 def resolve_state_dir(state_dir: str | os.PathLike[str] | None = None) -> Path:
     """``state_dir``, else ``$SEGPLATFORM_HOME``, else ``./.segplatform`` (absolute)."""
     chosen = state_dir or os.environ.get(HOME_ENV_VAR) or DEFAULT_STATE_DIR

@@ -9,6 +9,7 @@ imports ``tests`` as a package of the rootdir).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -205,3 +206,37 @@ def wait_for(
             return value
         time.sleep(poll_interval)
     raise AssertionError(message)
+
+
+_FRESH_PROCESS = "SEGPLATFORM_TEST_FRESH_PROCESS"
+
+
+def without_ray_in_process(test: Callable[..., Any]) -> Callable[..., Any]:
+    """For a test asserting that something refused its input before starting Ray: such a test
+    needs a process where Ray is not running. When another module's session cluster is up in this
+    one, the test runs again in a fresh interpreter (``python -m pytest NODEID``) and its outcome
+    there is its outcome here."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        if not ray.is_initialized() or os.environ.get(_FRESH_PROCESS):
+            return test(*args, **kwargs)
+        nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+        env = {key: value for key, value in os.environ.items() if key != "PYTEST_CURRENT_TEST"}
+        env[_FRESH_PROCESS] = "1"
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, (
+            f"{nodeid} in a fresh process:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+        )
+        return None
+
+    return wrapper

@@ -25,6 +25,7 @@ cannot be published, so a failed overwrite loses nothing, but readers during the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -115,6 +116,7 @@ class DatasetInfo:
     ignore_index: int = 255  # mask value excluded from losses and metrics (not a class)
     splits: dict[str, int] = field(default_factory=dict)  # rows per split, filled by the writer
     version: int = MANIFEST_VERSION  # manifest format version
+    revision: str = ""  # digest of the rows' content ("" in manifests written without one)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -170,6 +172,7 @@ class DatasetInfo:
             "ignore_index": int(self.ignore_index),
             "splits": {split: {"rows": int(rows)} for split, rows in self.splits.items()},
             "version": int(self.version),
+            **({"revision": self.revision} if self.revision else {}),
         }
 
     @classmethod
@@ -202,6 +205,7 @@ class DatasetInfo:
                 ignore_index=data.get("ignore_index", 255),
                 splits=rows,
                 version=version,
+                revision=str(data.get("revision", "")),
             )
         except (TypeError, DatasetError) as exc:
             raise DatasetError(f"{source}: {exc}") from exc
@@ -325,6 +329,7 @@ class DatasetWriter:
         self._buffered_bytes: dict[str, int] = {}
         self._shards: dict[str, int] = {}
         self._counts: dict[str, int] = {}
+        self._digests: dict[str, Any] = {}  # hashlib.sha256 of each split's rows
         self._ids: dict[str, set[str]] = {}
         self._has_instances: bool | None = None
         self._closed = False
@@ -423,6 +428,9 @@ class DatasetWriter:
             "instances": instances_png,
         }
         self._rows.setdefault(split, []).append(row)
+        digest = self._digests.setdefault(split, hashlib.sha256())
+        for part in (sample.id.encode(), image_bytes, mask_png, instances_png or b""):
+            digest.update(len(part).to_bytes(8, "little") + part)
         size = len(image_bytes) + len(mask_png) + len(instances_png or b"")
         self._buffered_bytes[split] = self._buffered_bytes.get(split, 0) + size
         self._counts[split] = self._counts.get(split, 0) + 1
@@ -483,6 +491,7 @@ class DatasetWriter:
                 palette=self.info.palette,
                 ignore_index=self.info.ignore_index,
                 splits=dict(self._counts),
+                revision=self._revision(),
             )
             if self._is_local:
                 self._write_manifest(self._tmp, info)
@@ -493,6 +502,14 @@ class DatasetWriter:
         except BaseException:
             self._remove(self._tmp)
             raise
+
+    def _revision(self) -> str:
+        """A digest of the classes and every split's rows in order: two writes of the same
+        content share it, a dataset rewritten with other rows (or labels) gets another."""
+        total = hashlib.sha256(json.dumps([self.info.classes, self.info.ignore_index]).encode())
+        for split in sorted(self._digests):
+            total.update(split.encode() + self._digests[split].digest())
+        return total.hexdigest()[:16]
 
     def abort(self) -> None:
         """Remove everything written; the destination is left as it was."""

@@ -166,6 +166,12 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def canonical_uri(uri: str) -> str:
+    """One spelling per location: ``s3://bucket/prefix`` or an absolute local path (no
+    trailing slash, ``file://`` dropped), so that two names of one dataset compare equal."""
+    return f"s3://{s3_path(uri)}" if is_s3(uri) else local_path(uri)
+
+
 def display_uri(uri: str, path: str) -> str:
     """A human-readable location for messages: ``s3://bucket/key`` or the local path."""
     return f"s3://{path}" if is_s3(uri) else path

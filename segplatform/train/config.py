@@ -14,12 +14,19 @@ Placement: ``placement_strategy`` and the resources per worker (``worker_bundle(
 against the cluster's alive nodes before the run starts, and node-local ``storage_path`` /
 ``data`` are refused on a multi-node cluster (``segplatform.train.placement``).
 
-A checkpoint is only taken where an evaluation also runs (``checkpoint_every`` is a multiple of
-``eval_every``), so every checkpoint carries the ``val_miou`` that keeps the best ``k``.
+Checkpoints: every evaluation writes one, scored by its ``val_miou`` (the best ``k`` are kept).
+``checkpoint_every`` adds *resume-only* checkpoints between evaluations (scored below any
+evaluation, so never "best"), so that a lost worker costs at most that many iterations.
 
-The config travels to the Ray workers as a plain dict (``to_dict`` / ``from_dict``), and the
-command line of ``segplatform train`` and of every ``jobs/train_<arch>.py`` builds one
-(``segplatform.train.cli_args``).
+Optimizer settings belong to one optimizer: ``momentum`` is SGD's, ``betas`` AdamW's. Giving the
+other optimizer's setting is refused, naming the field (AdamW's beta1 is never SGD's momentum).
+
+Secrets: ``storage_options`` may hold S3 keys. ``to_dict()`` (what MLflow params, logs and Ray's
+run state see) redacts them; only ``to_dict(secrets=True)`` keeps them, for the driver's own use.
+
+The config travels to the Ray workers as a plain dict (``to_dict`` / ``from_dict``; the secrets
+travel separately, see ``segplatform.train.plan``), and the command line of ``segplatform train``
+and of every ``jobs/train_<arch>.py`` builds one (``segplatform.train.cli_args``).
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ class TrainConfig:
     train_split: str = "train"  # split trained on
     val_split: str = "val"  # split evaluated on
     storage_options: dict[str, Any] | None = None  # S3 endpoint_url/key/secret/region (data+ckpt)
-    materialize_below_mb: float = 256.0  # splits smaller than this are read once into Ray's store
+    loader_tasks: int = 2  # batches decoded + augmented ahead by Ray tasks per worker; 0: inline
+    loader_task_cpus: float = 0.5  # logical CPUs of one decoding task
     # ---- augmentation (segplatform.train.transforms) --------------------------------------------
     crop_size: tuple[int, int] = (512, 512)  # training crop (H, W); padded with ignore if larger
     scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale factor range (1, 1) = off
@@ -76,7 +84,8 @@ class TrainConfig:
     epochs: int | None = None  # passes over the train split (converted to max_iters at start)
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw"
     lr: float = 0.01  # base learning rate of the backbone parameters
-    momentum: float = 0.9  # SGD momentum (AdamW: beta1)
+    momentum: float | None = None  # SGD only: momentum; None = 0.9
+    betas: tuple[float, float] | None = None  # AdamW only: (beta1, beta2); None = (0.9, 0.999)
     weight_decay: float = 1e-4  # L2 (SGD) / decoupled (AdamW) weight decay
     poly_power: float = 0.9  # lr × (1 - it/max_iters)^power; 0 = constant learning rate
     warmup_iters: int = 0  # linear warmup from warmup_factor × lr over these iterations
@@ -98,7 +107,7 @@ class TrainConfig:
     # ---- cluster -------------------------------------------------------------------------------
     num_workers: int = 2  # Ray Train workers; 0 = Ray Train local mode (the loop in this process)
     use_gpu: bool = False  # one GPU per worker, NCCL, SyncBatchNorm when num_workers > 1
-    cpus_per_worker: float | None = None  # None: 0.5 on CPU (Ray Data keeps CPU), 4 with a GPU
+    cpus_per_worker: float | None = None  # None: 0.5 on CPU (CPU left to decoding), 4 with a GPU
     placement_strategy: str = "PACK"  # PACK, SPREAD, STRICT_SPREAD (one per node), STRICT_PACK
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources/worker
     check_cluster: bool = True  # refuse at once a request the alive nodes cannot hold
@@ -110,15 +119,18 @@ class TrainConfig:
     storage_path: str = "~/segplatform/runs"  # checkpoint root: local path or s3://bucket/prefix
     name: str = ""  # run name under storage_path (same name = resume); "" = <arch>-<time>
     eval_every: int | None = None  # iterations between evaluations; None: once per epoch
-    checkpoint_every: int | None = None  # iterations between checkpoints (multiple of eval_every)
+    checkpoint_every: int | None = None  # iterations between resume-only checkpoints; None: none
     keep_checkpoints: int = 2  # checkpoints kept, best by val_miou
+    init_checkpoint: str | None = None  # checkpoint dir (path/s3://) whose weights start a new run
     eval_recipe: dict[str, Any] = field(default_factory=dict)  # InferenceRecipe fields
     eval_batch_size: int = 1  # validation images per forward pass (same-size images only)
     log_every: int = 20  # iterations between training-metric reports
     seed: int = 0  # seeds torch, numpy and random on every worker (plus the rank)
+    verbose: bool = False  # Ray Train's INFO logs (worker set-up, checkpoints) in the job log
     # ---- tracking ------------------------------------------------------------------------------
     mlflow_uri: str | None = None  # MLflow tracking URI; None: MLFLOW_TRACKING_URI or no tracking
     experiment: str = "segplatform"  # MLflow experiment name
+    mlflow_parent_run: str | None = None  # MLflow run id this run nests under (a sweep's)
     register_as: str | None = None  # registered model name for the best checkpoint; None: none
     register_alias: str = "champion"  # alias given to the registered version (see promote)
     promote: str = "if_better"  # move the alias: if_better (val mIoU >= holder's), always, never
@@ -130,7 +142,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         # JSON and command lines give lists; the config holds tuples.
-        for name in ("crop_size", "scale_range", "mean", "std"):
+        for name in ("crop_size", "scale_range", "mean", "std", "betas"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 set_(self, name, tuple(float(v) if name != "crop_size" else v for v in value))
@@ -170,8 +182,9 @@ class TrainConfig:
         for name in ("train_split", "val_split"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 fail(name, "must be a split name")
-        if self.materialize_below_mb < 0:
-            fail("materialize_below_mb", "must be >= 0 (0: always stream from storage)")
+        positive_int("loader_tasks", minimum=0)
+        if not self.loader_task_cpus > 0:
+            fail("loader_task_cpus", "must be > 0")
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             fail("storage_options", "must be a dict or None")
         # augmentation
@@ -204,8 +217,16 @@ class TrainConfig:
             fail("optimizer", f"must be one of {OPTIMIZERS}")
         if not self.lr > 0:
             fail("lr", "must be > 0")
-        if not 0 <= self.momentum < 1:
-            fail("momentum", "must be in [0, 1)")
+        if self.momentum is not None:
+            if self.optimizer != "sgd":
+                fail("momentum", f"is SGD's setting; {self.optimizer} takes betas=(beta1, beta2)")
+            if not 0 <= self.momentum < 1:
+                fail("momentum", "must be in [0, 1)")
+        if self.betas is not None:
+            if self.optimizer != "adamw":
+                fail("betas", f"is AdamW's setting; {self.optimizer} takes momentum")
+            if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+                fail("betas", "must be two numbers in [0, 1) (beta1, beta2)")
         if self.weight_decay < 0:
             fail("weight_decay", "must be >= 0")
         if self.poly_power < 0:
@@ -273,13 +294,11 @@ class TrainConfig:
             fail("name", "must be 1-128 characters of letters, digits, '.', '_' or '-'")
         positive_int("eval_every", allow_none=True)
         positive_int("checkpoint_every", allow_none=True)
-        if (
-            self.eval_every is not None
-            and self.checkpoint_every is not None
-            and self.checkpoint_every % self.eval_every
-        ):
-            fail("checkpoint_every", f"must be a multiple of eval_every ({self.eval_every})")
         positive_int("keep_checkpoints")
+        if self.init_checkpoint is not None and (
+            not isinstance(self.init_checkpoint, str) or not self.init_checkpoint
+        ):
+            fail("init_checkpoint", "must be a checkpoint directory (path or s3://...) or None")
         positive_int("eval_batch_size")
         positive_int("log_every")
         positive_int("seed", minimum=0)
@@ -336,12 +355,34 @@ class TrainConfig:
             f"TrainConfig.mean: {len(mean)} values for a model with {in_channels} input channels"
         )
 
+    def resolved_momentum(self) -> float:
+        """SGD momentum: explicit, else 0.9."""
+        return 0.9 if self.momentum is None else float(self.momentum)
+
+    def resolved_betas(self) -> tuple[float, float]:
+        """AdamW betas: explicit, else (0.9, 0.999) (PyTorch's and the AdamW paper's)."""
+        return (0.9, 0.999) if self.betas is None else (float(self.betas[0]), float(self.betas[1]))
+
+    def optimizer_settings(self) -> str:
+        """One line for logs, e.g. ``AdamW lr 0.001 betas (0.9, 0.999) weight decay 0.01``."""
+        if self.optimizer == "adamw":
+            head = f"AdamW lr {self.lr:.3g} betas {self.resolved_betas()}"
+        else:
+            head = f"SGD lr {self.lr:.3g} momentum {self.resolved_momentum()}"
+        parts = [head, f"weight decay {self.weight_decay:g}"]
+        parts.append(f"poly {self.poly_power:g}" if self.poly_power else "constant lr")
+        if self.warmup_iters:
+            parts.append(f"warmup {self.warmup_iters}")
+        if self.grad_clip is not None:
+            parts.append(f"clip {self.grad_clip:g}")
+        return ", ".join(parts)
+
     def resolved_channels_last(self) -> bool:
         """NHWC memory format: explicit, else on with a GPU (tensor-core convolutions, AMP)."""
         return self.use_gpu if self.channels_last is None else bool(self.channels_last)
 
     def resolved_cpus_per_worker(self) -> float:
-        """CPUs per worker: explicit, else 0.5 on CPU (leaving CPU to Ray Data), 4 with a GPU."""
+        """CPUs per worker: explicit, else 0.5 on CPU (leaving CPU to decoding), 4 with a GPU."""
         if self.cpus_per_worker is not None:
             return float(self.cpus_per_worker)
         return 4.0 if self.use_gpu else 0.5
@@ -356,12 +397,18 @@ class TrainConfig:
 
     # ---- serialization -------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists); ``from_dict`` inverts it."""
+    def to_dict(self, *, secrets: bool = False) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); ``from_dict`` inverts it.
+
+        Storage credentials are replaced by ``"***"`` unless ``secrets=True`` (see the module
+        docstring): this dict is what MLflow params, logs and Ray's run state may show.
+        """
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
+        if not secrets:
+            out["storage_options"] = redact(self.storage_options)
         return out
 
     @classmethod
@@ -382,10 +429,20 @@ class TrainConfig:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    @classmethod
-    def from_cli(cls, argv: list[str] | None = None) -> TrainConfig:
-        """Parse ``segplatform train`` options (see ``segplatform.train.cli_args``)."""
-        from segplatform.train.cli_args import build_parser, config_from_args
 
-        parser = build_parser(prog="segplatform train")
-        return config_from_args(parser.parse_args(argv), parser=parser)
+# Keys of storage options whose values are credentials (matched case-insensitively as parts).
+_SECRET_PARTS = ("key", "secret", "token", "password", "credential")
+REDACTED = "***"
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether a storage option holds a credential (``key``, ``secret``, ``session_token``...)."""
+    lowered = name.lower()
+    return any(part in lowered for part in _SECRET_PARTS)
+
+
+def redact(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``options`` with every credential value replaced by ``"***"``."""
+    if options is None:
+        return None
+    return {k: REDACTED if is_secret_option(k) and v else v for k, v in options.items()}

@@ -1,28 +1,41 @@
 """The Ray Train worker loop: plain PyTorch, with every Ray touch point marked ``# [ray]``.
 
 ``train_loop_per_worker(config_dict)`` runs in each of the ``num_workers`` processes that
-``segplatform.train.run`` starts. ``config_dict`` holds ``"config"`` (``TrainConfig.to_dict()``)
-and ``"plan"`` (what the driver resolved: dataset manifest, iteration counts, class weights,
-tracking URI; see ``run.build_plan``).
+``segplatform.train.run`` starts. ``config_dict`` holds ``"config"`` (``TrainConfig.to_dict()``,
+credentials redacted) and ``"plan"`` (``segplatform.train.plan.Plan``: the schedule, the splits'
+rows in Ray's object store, the storage credentials as an object reference, tracking).
 
-Per iteration (one optimizer step): ``grad_accum`` micro-batches from this worker's shard of the
-train split (decoded and augmented in ``TrainBatchCollate`` on Ray Data's side), forward under
+Per iteration (one optimizer step): the worker's ``grad_accum`` micro-batches of the epoch's
+global order (``segplatform.train.batches``: decoded and augmented by Ray tasks), forward under
 ``torch.autocast`` (bf16, or fp16 with a ``GradScaler`` on CUDA), ``total_loss`` over the model's
-outputs, backward (gradients all-reduced by DDP on the last micro-batch only), optimizer step,
-poly learning-rate step.
+outputs, backward (gradients all-reduced by DDP on the last micro-batch only), the gradient norm
+(clipped with ``grad_clip``), optimizer step, poly learning-rate step.
 
-Every ``eval_every`` iterations and at the end: the validation split (each worker its shard) is
-predicted with the configured ``InferenceRecipe`` into ONE confusion matrix per worker, summed
-over all workers (``ConfusionMatrix.all_reduce``), and every ``checkpoint_every`` iterations rank
-0 writes a checkpoint: the model package (``model/``, DESIGN §2.4) and ``train_state.pt``
-(optimizer, scheduler, scaler, step, epoch, RNG states), reported with ``ray.train.report``.
-Training metrics (every ``log_every`` iterations) go to MLflow each time, and to Ray Train at
-most every ``REPORT_INTERVAL_S``: its controller collects one report per worker every 2 s, and a
-report sent sooner waits for that, stalling training.
+Failures that are not faults end the run at once and are not retried: a micro-batch that cannot
+be decoded (``DatasetError``), a non-finite gradient norm (a NaN or infinite loss on any rank
+reaches every rank through DDP's all-reduce; fp16's ``GradScaler`` skips such steps itself), or a
+checkpoint written under another model or schedule. Every rank sees the same condition (a
+one-number all-reduce per step for the data, the all-reduced gradients for the loss), so they
+stop together: rank 0 writes ``failure.json`` into the run directory, and every worker returns
+normally, so Ray Train spends no ``max_failures`` retry on them (``run`` raises
+``TrainingFailure`` with the message). Only infrastructure failures (a lost worker or node) are
+retried from the latest checkpoint.
+
+Every ``eval_every`` iterations and at the end: evaluation (``segplatform.train.evaluation``:
+every validation row once, one all-reduced confusion matrix) and a checkpoint scored by its
+``val_miou``; every ``checkpoint_every`` iterations in between, a resume-only checkpoint (scored
+below any evaluation, so never "best"). A checkpoint (``segplatform.train.state``) holds the model
+package, the optimizer, scheduler, scaler and RNG states and the resume fingerprint; rank 0
+writes it and reports it with ``ray.train.report``. Training metrics (every ``log_every``
+iterations) go to MLflow each time, and to Ray Train at most every ``REPORT_INTERVAL_S``: its
+controller collects one report per worker every 2 s, and a report sent sooner waits for that,
+stalling training.
 
 Resume: ``ray.train.get_checkpoint()`` (a restarted worker group or a resubmitted run with the
-same name) restores weights and ``train_state.pt``; the step counter, learning-rate schedule and
-data epoch continue (a partly consumed epoch is not replayed: training goes on with the next one).
+same name) restores the weights (strictly) and the train state; the step counter, learning-rate
+schedule, RNG states and data order continue exactly: the step alone says which batch comes next.
+A new run with ``init_checkpoint`` (a sweep's PBT clone) starts from that checkpoint's weights
+(strictly), with a fresh optimizer, schedule and step counter.
 
 Placement: every worker records its rank, local rank, node id, node IP and pid; rank 0 logs them at
 the start of every attempt (MLflow tag ``placement``, one line such as ``2 workers on 2 nodes:
@@ -43,290 +56,58 @@ the fault already happened.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
-import random
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor, nn
 
+from segplatform.train.batches import BatchSpec, TrainBatches
 from segplatform.train.config import TrainConfig
-from segplatform.train.losses import SegmentationLoss, total_loss, unet_border_weights
-from segplatform.train.transforms import EvalTransform, TrainTransform
+from segplatform.train.distributed import (
+    StopRun,
+    all_gather_object,
+    mean_over_workers,
+    parameter_checksum,
+    stop_if_any,
+    unwrap,
+)
+from segplatform.train.evaluation import Evaluator, finite, log_evaluation
+from segplatform.train.losses import SegmentationLoss, total_loss
+from segplatform.train.optim import PolyLR, build_optimizer
+from segplatform.train.plan import Plan, compare_fingerprints
+from segplatform.train.state import (
+    MODEL_DIR,
+    TrainState,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_train_state,
+)
 
 logger = logging.getLogger(__name__)
 
-TRAIN_STATE = "train_state.pt"
-MODEL_DIR = "model"
 FAULT_MARKER = ".fault-injected-rank{rank}"
+FAILURE_FILE = "failure.json"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMMIT_TIMEOUT_S = 120.0  # how long rank 0 waits for Ray Train to commit a checkpoint
+RESUME_ONLY_SCORE = -1.0  # checkpoint_score of a checkpoint without evaluation
 # Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s) and a
 # worker's next report waits for the previous one: training-metric reports closer together than
 # that would stall training, so they go to Ray at most this often (MLflow still gets every one).
 REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) * 1.25
 
 
-# ---- data: decoding and augmentation inside Ray Data's iterator -------------------------------
-
-
-class TrainBatchCollate(NumpyBatchCollateFn):
-    """Decode + augment a batch of Parquet rows into tensors (runs in the data iterator).
-
-    Returns ``image`` (N, C, h, w) float, ``mask`` (N, h, w) int64, and ``weight`` (N, h, w)
-    (U-Net border weights) and ``instances`` (N, h, w) int64 when asked for.
-    """
-
-    def __init__(
-        self,
-        transform: TrainTransform,
-        *,
-        ignore_index: int,
-        border: tuple[float, float] | None = None,
-        instances: bool = False,
-        source: str = "dataset",
-    ) -> None:
-        self.transform = transform
-        self.ignore_index = ignore_index
-        self.border = border
-        self.instances = instances
-        self.source = source
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        from segplatform.data.format import DatasetError
-        from segplatform.data.reader import decode_image, decode_mask
-
-        images, masks, weights, instance_maps = [], [], [], []
-        for index in range(len(batch["image"])):
-            row = f"{self.source} row {batch['id'][index]!s}"
-            instance_map = None
-            if self.instances:
-                raw = batch["instances"][index] if "instances" in batch else None
-                instance_map = None if raw is None else decode_mask(raw)
-            try:
-                image = decode_image(batch["image"][index])
-                mask = decode_mask(batch["mask"][index])
-            except Exception as err:
-                raise DatasetError(f"{row}: cannot decode ({err})") from err
-            out = self.transform(image, mask, instance_map, source=row)
-            images.append(out[0])
-            masks.append(out[1])
-            if self.instances:
-                instance_maps.append(out[2] if instance_map is not None else None)
-            if self.border is not None:
-                w0, sigma = self.border
-                weight = unet_border_weights(
-                    out[1].numpy(), w0=w0, sigma=sigma, ignore_index=self.ignore_index
-                )
-                weights.append(torch.from_numpy(weight))
-        result = {"image": torch.stack(images), "mask": torch.stack(masks)}  # (N, C, h, w)
-        if weights:
-            result["weight"] = torch.stack(weights)  # (N, h, w)
-        if self.instances:
-            # -1 marks a row without an instance map (components of the mask are used then).
-            result["instances"] = torch.stack(
-                [m if m is not None else torch.full_like(masks[0], -1) for m in instance_maps]
-            )  # (N, h, w)
-        return result
-
-
-class EvalBatchCollate(NumpyBatchCollateFn):
-    """Decode + normalize validation rows into lists (images may differ in size).
-
-    ``overlay`` holds, per row, its index in ``overlay_ids`` (or -1): the fixed validation images
-    drawn as overlays at each evaluation.
-    """
-
-    def __init__(
-        self, transform: EvalTransform, overlay_ids: list[str], source: str = "dataset"
-    ) -> None:
-        self.transform = transform
-        self.overlay_ids = {row_id: i for i, row_id in enumerate(overlay_ids)}
-        self.source = source
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Tensor]]:
-        from segplatform.data.reader import decode_image, decode_mask
-
-        images, masks, overlay = [], [], []
-        for index in range(len(batch["image"])):
-            row_id = str(batch["id"][index])
-            image, mask = self.transform(
-                decode_image(batch["image"][index]),
-                decode_mask(batch["mask"][index]),
-                source=f"{self.source} row {row_id}",
-            )
-            images.append(image)  # (C, H, W)
-            masks.append(mask)  # (H, W)
-            overlay.append(torch.tensor(self.overlay_ids.get(row_id, -1)))
-        return {"image": images, "mask": masks, "overlay": overlay}
-
-
-# ---- optimisation pieces ------------------------------------------------------------------------
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model behind DDP."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def parameter_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict[str, Any]]:
-    """Backbone parameters (under ``model.backbone``) at ``lr``, the rest at ``lr × mult``."""
-    backbone = getattr(model, "backbone", None)
-    backbone_ids = (
-        {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if id(p) in backbone_ids], "lr": lr, "name": "backbone"},
-        {
-            "params": [p for p in trainable if id(p) not in backbone_ids],
-            "lr": lr * head_lr_mult,
-            "name": "head",
-        },
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.lr, cfg.head_lr_mult)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
-        )
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(
-    step: int, *, max_iters: int, power: float, warmup_iters: int, warmup: float
-) -> float:
-    """Poly schedule ``(1 - step/max_iters)^power`` times a linear warmup ramp."""
-    factor = (1.0 - min(step, max_iters) / max_iters) ** power if power > 0 else 1.0
-    if step < warmup_iters:
-        factor *= warmup + (1.0 - warmup) * step / warmup_iters
-    return factor
-
-
-class PolyLR(torch.optim.lr_scheduler.LambdaLR):
-    """``LambdaLR`` with the poly + warmup factor (a class, so its state is plain numbers)."""
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        max_iters: int,
-        power: float,
-        warmup_iters: int,
-        warmup: float,
-    ) -> None:
-        self.max_iters, self.power = max_iters, power
-        self.warmup_iters, self.warmup = warmup_iters, warmup
-        super().__init__(optimizer, self._factor)
-
-    def _factor(self, step: int) -> float:
-        return lr_factor(
-            step,
-            max_iters=self.max_iters,
-            power=self.power,
-            warmup_iters=self.warmup_iters,
-            warmup=self.warmup,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_epoch": self.last_epoch,
-            "base_lrs": list(self.base_lrs),
-            "last_lr": list(self.get_last_lr()),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_epoch = int(state_dict["last_epoch"])
-        self.base_lrs = [float(v) for v in state_dict["base_lrs"]]
-        lrs = [base * self._factor(self.last_epoch) for base in self.base_lrs]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self._last_lr = lrs
-
-
-# ---- RNG state (only tensors and primitive containers, for weights_only loading) --------------
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ---- helpers ------------------------------------------------------------------------------------
-
-
-def all_gather_object(value: Any) -> list[Any]:
-    """Every rank's ``value`` (a list of one element outside torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def mean_over_workers(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return [float(v) for v in tensor.cpu()]
-
-
-def parameter_checksum(model: nn.Module) -> float:
-    """Sum of all parameters in float64: equal on every rank iff the replicas agree."""
-    with torch.no_grad():
-        total = sum(p.detach().double().sum() for p in model.parameters())
-    return float(total)
+# ---- helpers --------------------------------------------------------------------------------
 
 
 def tracking_buffer_root(run_name: str, root: str | None = None) -> Path:
@@ -339,60 +120,64 @@ def tracking_buffer_root(run_name: str, root: str | None = None) -> Path:
     return base / run_name
 
 
-def _fault_marker(plan: dict[str, Any], rank: int) -> tuple[Any, str]:
+def run_file(plan: Plan, name: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path)`` of a file in the run's storage directory."""
     from segplatform.data import io as dio
 
-    fs, root = dio.resolve(plan["run_storage_uri"], plan.get("storage_options"))
-    return fs, dio.join(root, FAULT_MARKER.format(rank=rank))
+    fs, root = dio.resolve(plan.run_storage_uri, storage_options)
+    return fs, dio.join(root, name)
 
 
-def maybe_inject_fault(cfg: TrainConfig, plan: dict[str, Any], rank: int, step: int) -> None:
+def write_run_file(
+    plan: Plan, name: str, text: str, storage_options: dict[str, Any] | None
+) -> None:
+    fs, path = run_file(plan, name, storage_options)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def maybe_inject_fault(
+    cfg: TrainConfig, plan: Plan, rank: int, step: int, storage: dict[str, Any] | None
+) -> None:
     """TEST KNOB: exit this worker process at ``cfg.fail_at_step`` the first time only."""
     if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != cfg.fail_rank:
         return
     import pyarrow.fs as pafs
 
-    fs, marker = _fault_marker(plan, rank)
-    if fs.get_file_info(marker).type != pafs.FileType.NotFound:
+    marker = FAULT_MARKER.format(rank=rank)
+    fs, path = run_file(plan, marker, storage)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
         return
-    fs.create_dir(marker.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(marker) as stream:
-        stream.write(f"fault injected at step {step}\n".encode())
+    write_run_file(plan, marker, f"fault injected at step {step}\n", storage)
     logger.warning("fault injection: rank %d exits at step %d", rank, step)
     os._exit(1)
 
 
-def _persist(directory: Path, plan: dict[str, Any], dir_name: str) -> Any:
+def _persist(directory: Path, plan: Plan, dir_name: str, storage: dict[str, Any] | None) -> Any:
     """Copy a checkpoint directory to ``<run storage>/<dir_name>`` (Ray Train local mode)."""
     import pyarrow.fs as pafs
     import ray.train
 
-    from segplatform.data import io as dio
-
-    fs, root = dio.resolve(plan["run_storage_uri"], plan.get("storage_options"))
-    target = dio.join(root, dir_name)
+    fs, target = run_file(plan, dir_name, storage)
     fs.create_dir(target, recursive=True)
     pafs.copy_files(str(directory), target, destination_filesystem=fs)
     return ray.train.Checkpoint(path=target, filesystem=fs)
 
 
-def _infinite_batches(shard: Any, **kwargs: Any) -> Iterator[tuple[int, Iterator[Any]]]:
-    """Yield ``(epoch, batch iterator)`` forever (each call to iter_* is a new epoch)."""
-    epoch = kwargs.pop("start_epoch")
-    seed = kwargs.pop("seed")
-    while True:
-        yield (
-            epoch,
-            iter(shard.iter_torch_batches(local_shuffle_seed=seed + 1009 * epoch, **kwargs)),
-        )
-        epoch += 1
+def gradient_norm(parameters: list[Tensor], max_norm: float | None) -> Tensor:
+    """The global L2 norm of the gradients (clipped to ``max_norm`` when given)."""
+    if max_norm is not None:
+        return nn.utils.clip_grad_norm_(parameters, max_norm)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-# ---- the worker loop -----------------------------------------------------------------------------
+# ---- the worker loop --------------------------------------------------------------------------
 
 
-class _Trainer:
-    """State of one worker; ``train_loop_per_worker`` builds and runs it."""
+class Worker:
+    """State of one training worker; ``train_loop_per_worker`` builds and runs it."""
 
     def __init__(self, config_dict: dict[str, Any]) -> None:
         import ray
@@ -401,20 +186,22 @@ class _Trainer:
 
         import architectures
         from segplatform.data.format import DatasetInfo
-        from segplatform.metrics import ConfusionMatrix  # noqa: F401  (fail early if missing)
 
-        self.cfg = cfg = TrainConfig.from_dict(config_dict["config"], source="train loop config")
         self.plan = plan = config_dict["plan"]
+        self.storage = plan.storage_options()  # [ray] credentials from the object store
+        cfg = TrainConfig.from_dict(config_dict["config"], source="train loop config")
+        self.cfg = cfg = cfg.replace(storage_options=self.storage)
         context = ray.train.get_context()  # [ray] who am I in the worker group
         self.rank = context.get_world_rank()
         self.local_rank = context.get_local_rank()
         self.world_size = context.get_world_size()
         self.node_id = ray.get_runtime_context().get_node_id()  # [ray]
         self.device = ray.train.torch.get_device()  # [ray] cuda:<local> or cpu
-        self.info = DatasetInfo.from_json(plan["dataset"], cfg.data)
+        self.info = DatasetInfo.from_json(plan.dataset, cfg.data)
         self.ignore_index = self.info.ignore_index
 
-        self.model_config = cfg.model_config(num_classes=plan["num_classes"])
+        self.model_config = cfg.model_config(num_classes=plan.num_classes)
+        seed_everything(cfg.seed)  # the same initial weights on every rank and in every run
         model = architectures.build_from_config(cfg.arch, self.model_config)
         self.instance = getattr(model, "task", "semantic") == "instance"
         self.in_channels = int(getattr(self.model_config, "in_channels", 3))
@@ -435,22 +222,23 @@ class _Trainer:
             self.loss_weights[key] = float(weight)
 
         # ---- resume ---------------------------------------------------------------------------
-        self.step, self.epoch, self.attempt = 0, -1, 1
-        self.best_miou = float("nan")
-        state: dict[str, Any] | None = None
+        self.state = TrainState()
+        self.epoch = 0
+        saved: dict[str, Any] | None = None
         checkpoint = ray.train.get_checkpoint()  # [ray] latest registered checkpoint, or None
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:  # [ray] local copy of the checkpoint
-                state = self._load_checkpoint(model, Path(directory))
-            self.step, self.epoch = int(state["step"]), int(state["epoch"])
-            self.attempt = int(state.get("attempt", 1)) + 1
-            self.best_miou = float(state.get("best_miou", float("nan")))
-        self.start_step = self.step
-        seed_everything(cfg.seed + 1000 * self.rank + 7919 * self.step)
-        if state is not None:
-            rngs = state.get("rng") or []
-            if len(rngs) == self.world_size:
-                set_rng_state(rngs[self.rank])
+                saved = load_checkpoint(model, Path(directory), self.device)
+            self.state = TrainState.resumed(saved)
+        elif cfg.init_checkpoint:  # a new run that starts from another run's weights (strict)
+            from segplatform.data import io as dio
+
+            fs, path = dio.resolve(cfg.init_checkpoint, self.storage)
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as directory:  # [ray]
+                load_checkpoint(model, Path(directory), self.device)
+        seed_everything(cfg.seed + 1000 * self.rank + 7919 * self.state.step)
+        if saved is not None and len(saved.get("rng") or []) == self.world_size:
+            set_rng_state(saved["rng"][self.rank])
 
         # ---- model, optimizer, schedule ---------------------------------------------------------
         if cfg.use_gpu and self.world_size > 1:
@@ -468,24 +256,28 @@ class _Trainer:
             parallel_strategy_kwargs={"find_unused_parameters": self.instance},
         )
         self.bare = unwrap(self.model)
+        self.parameters = [p for p in self.bare.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.bare, cfg)
-        self.scheduler = PolyLR(
-            self.optimizer,
-            max_iters=plan["max_iters"],
-            power=cfg.poly_power,
-            warmup_iters=cfg.warmup_iters,
-            warmup=cfg.warmup_factor,
-        )
+        self.scheduler = PolyLR.from_config(self.optimizer, cfg, plan.max_iters)
         self.amp_dtype = AMP_DTYPES.get(cfg.amp) if cfg.amp else None
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=cfg.amp == "fp16" and self.device.type == "cuda"
         )
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-        class_weights = plan.get("class_weights")
+        self.resume_error: str | None = None
+        if saved is not None:
+            stored = json.loads(saved.get("fingerprint") or "{}")
+            differences = compare_fingerprints(stored, plan.fingerprint)
+            if differences:
+                self.resume_error = (
+                    f"checkpoint at step {self.state.step} was written under other settings: "
+                    + "; ".join(differences)
+                )
+            else:
+                self.optimizer.load_state_dict(saved["optimizer"])
+                self.scheduler.load_state_dict(saved["scheduler"])
+                if saved.get("scaler"):
+                    self.scaler.load_state_dict(saved["scaler"])
+        class_weights = plan.class_weights
         self.criterion = SegmentationLoss(
             cfg.loss,
             ignore_index=self.ignore_index,
@@ -497,6 +289,37 @@ class _Trainer:
             ohem_thresh=cfg.ohem_thresh,
             ohem_min_kept=cfg.ohem_min_kept,
             dice_weight=cfg.dice_weight,
+        )
+        self.batches = TrainBatches(
+            plan.train,
+            BatchSpec.from_config(
+                cfg,
+                in_channels=self.in_channels,
+                normalization=self.normalization,
+                ignore_index=self.ignore_index,
+                instances=self.instance,
+            ),
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            world_size=self.world_size,
+            rank=self.rank,
+            tasks=cfg.loader_tasks,
+            task_cpus=cfg.loader_task_cpus,
+            node_id=self.node_id,
+        )
+        self.evaluator = Evaluator(
+            plan.val,
+            info=self.info,
+            num_classes=plan.num_classes,
+            in_channels=self.in_channels,
+            normalization=self.normalization,
+            recipe=self.recipe,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=cfg.eval_batch_size,
+            amp_dtype=self.amp_dtype,
+            overlay_count=plan.overlay_count,
         )
         self.workers = all_gather_object(  # where every worker of this attempt runs
             {
@@ -510,60 +333,15 @@ class _Trainer:
         self.tracker = self._make_tracker()
         self._log_placement()
 
-    # ---- checkpoints --------------------------------------------------------------------------
-
-    def _load_checkpoint(self, model: nn.Module, directory: Path) -> dict[str, Any]:
-        import safetensors.torch
-
-        from segplatform.package import WEIGHTS
-
-        safetensors.torch.load_model(model, str(directory / MODEL_DIR / WEIGHTS), strict=False)
-        return torch.load(directory / TRAIN_STATE, map_location=self.device, weights_only=True)
-
-    def _write_checkpoint(self, directory: Path, metrics: dict[str, Any], rngs: list) -> None:
-        from segplatform.package import save_package
-
-        save_package(
-            directory / MODEL_DIR,
-            self.bare,
-            self.cfg.arch,
-            self.model_config,
-            classes=self.info.classes,
-            palette=self.info.palette,
-            ignore_index=self.ignore_index,
-            normalization=self.normalization,
-            inference=self.recipe.to_dict(),
-            metrics={k: v for k, v in metrics.items() if k.startswith("val_")},
-            extra={
-                "run_name": self.cfg.name,
-                "step": self.step,
-                "dataset": self.cfg.data,
-                "dataset_name": self.info.name,
-                "manifest_version": self.info.version,
-            },
-        )
-        state = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "attempt": self.attempt,
-            "best_miou": self.best_miou,
-            "world_size": self.world_size,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "rng": rngs,
-        }
-        torch.save(state, directory / TRAIN_STATE)
-
     # ---- tracking (rank 0 only, never blocking) ----------------------------------------------
 
     def _make_tracker(self) -> Any:
         from segplatform.tracking import RunTracker
 
-        uri = self.plan.get("mlflow_uri")
+        uri = self.plan.mlflow_uri
         if self.rank != 0 or not uri:
             return RunTracker.disabled()
-        root = self.plan.get("tracking_buffer")
+        root = self.plan.tracking_buffer
         buffer = tracking_buffer_root(self.cfg.name, root) / f"worker-{uuid.uuid4().hex[:8]}"
         try:
             tracker = RunTracker(
@@ -572,22 +350,28 @@ class _Trainer:
                 self.cfg.name,
                 buffer_dir=buffer,
                 run_key=self.cfg.name,
-                tags=self.plan.get("tags", {}),
+                tags=self.plan.tags,
             )
         except Exception as err:  # tracking must never stop training
             logger.warning("MLflow tracking disabled: %s", err)
             return RunTracker.disabled()
-        if self.attempt == 1:
-            params = {f"train.{k}": v for k, v in self.cfg.to_dict().items()}
+        if self.state.attempt == 1:
+            import architectures
+
+            params = {f"train.{k}": v for k, v in self.cfg.to_dict().items()}  # redacted
             params.update(
-                {f"model.{k}": v for k, v in _config_dict(self.model_config).items()},
+                {
+                    f"model.{k}": v
+                    for k, v in architectures.config_to_dict(self.model_config).items()
+                },
             )
             params.update(
                 {
-                    "plan.max_iters": self.plan["max_iters"],
-                    "plan.iters_per_epoch": self.plan["iters_per_epoch"],
+                    "plan.max_iters": self.plan.max_iters,
+                    "plan.iters_per_epoch": self.plan.iters_per_epoch,
                     "plan.total_batch": self.cfg.batch_size * self.cfg.grad_accum * self.world_size,
                     "plan.world_size": self.world_size,
+                    "plan.optimizer": self.cfg.optimizer_settings(),
                 }
             )
             tracker.log_params(params)
@@ -600,114 +384,17 @@ class _Trainer:
         if self.rank != 0:
             return
         summary = placement_summary(self.workers)
-        say(f"{self.cfg.name} attempt {self.attempt}: {summary}")
+        say(f"{self.cfg.name} attempt {self.state.attempt}: {summary}")
         self.tracker.set_tags(
             {"placement": summary, "placement_strategy": self.cfg.placement_strategy}
         )
         self.tracker.log_table(
-            placement_table(self.workers), f"attempt{self.attempt}.json", artifact_path="placement"
+            placement_table(self.workers),
+            f"attempt{self.state.attempt}.json",
+            artifact_path="placement",
         )
 
-    def _log_evaluation(
-        self, result: dict[str, Any], matrix: Tensor, overlays: list[tuple[int, np.ndarray]]
-    ) -> None:
-        from segplatform.tracking import NullTracker
-
-        tracker = self.tracker
-        if isinstance(tracker, NullTracker):
-            return
-        try:
-            names = list(self.info.classes)
-            tracker.log_table(
-                {
-                    "class": names,
-                    "iou": [_finite(v) for v in result["iou"]],
-                    "acc": [_finite(v) for v in result["acc"]],
-                },
-                f"iou_step{self.step:08d}.json",
-                artifact_path="eval",
-            )
-            tracker.log_figure(
-                _confusion_figure(matrix, names), f"confusion_step{self.step:08d}.png", "eval"
-            )
-            for index, picture in overlays:
-                tracker.log_image(
-                    picture, f"step{self.step:08d}_sample{index}.png", artifact_path="overlays"
-                )
-        except Exception as err:  # drawing problems must not stop training
-            logger.warning("could not log evaluation artifacts: %s", err)
-
-    # ---- evaluation ---------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self) -> tuple[dict[str, Any], Tensor, list[tuple[int, np.ndarray]]]:
-        import ray.train
-
-        from segplatform.inference import predict_probs
-        from segplatform.metrics import ConfusionMatrix
-
-        num_classes = self.plan["num_classes"]
-        matrix = ConfusionMatrix(num_classes, self.ignore_index)
-        transform = EvalTransform(
-            in_channels=self.in_channels,
-            mean=self.normalization["mean"],
-            std=self.normalization["std"],
-            ignore_index=self.ignore_index,
-        )
-        collate = EvalBatchCollate(transform, self.plan["overlay_ids"], source=self.cfg.data)
-        shard = ray.train.get_dataset_shard("val")  # [ray] this worker's part of the val split
-        overlays: list[tuple[int, np.ndarray]] = []
-        self.bare.eval()
-        # Images may differ in size, so rows are collated here into lists (iter_torch_batches
-        # would concatenate them).
-        for rows in shard.iter_batches(  # [ray] one pass over this worker's val shard
-            batch_size=self.cfg.eval_batch_size, batch_format="numpy"
-        ):
-            batch = collate(rows)
-            for group in _same_size_groups(batch["image"]):
-                images = torch.stack([batch["image"][i] for i in group]).to(self.device)
-                masks = torch.stack([batch["mask"][i] for i in group]).to(self.device)
-                with torch.autocast(
-                    self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-                ):
-                    probs = predict_probs(self.bare, images, self.recipe, num_classes=num_classes)
-                pred = probs.argmax(dim=1)  # (n, H, W)
-                matrix.update(pred, masks.to(pred.device))
-                for position, i in enumerate(group):
-                    index = int(batch["overlay"][i])
-                    if index >= 0:
-                        picture = self._overlay(images[position], masks[position], pred[position])
-                        overlays.append((index, picture))
-        self.bare.train()
-        matrix.all_reduce()  # ONE confusion matrix: the sum over all workers' shards
-        gathered = all_gather_object(overlays if self.plan.get("mlflow_uri") else [])
-        if self.rank == 0:
-            overlays = sorted((item for part in gathered for item in part), key=lambda x: x[0])
-        return matrix.compute(), matrix.matrix.cpu(), overlays
-
-    def _overlay(self, image: Tensor, mask: Tensor, pred: Tensor) -> np.ndarray:
-        """Image | ground truth | prediction, side by side (uint8 RGB, at most 256 px high)."""
-        from segplatform.visualize import overlay
-
-        mean = torch.tensor(self.normalization["mean"], device=image.device).view(-1, 1, 1)
-        std = torch.tensor(self.normalization["std"], device=image.device).view(-1, 1, 1)
-        pixels = ((image.float() * std + mean).clamp(0, 1) * 255).round().byte()  # (C, H, W)
-        rgb = pixels.permute(1, 2, 0).cpu().numpy()
-        palette = self.info.palette
-        truth = overlay(rgb, mask.cpu().numpy(), palette, ignore_index=self.ignore_index)
-        predicted = overlay(rgb, pred.cpu().numpy(), palette, ignore_index=self.ignore_index)
-        from segplatform.visualize import as_rgb
-
-        strip = np.concatenate([as_rgb(rgb), truth, predicted], axis=1)
-        if strip.shape[0] > 256:
-            from PIL import Image
-
-            scale = 256 / strip.shape[0]
-            size = (max(1, round(strip.shape[1] * scale)), 256)
-            strip = np.asarray(Image.fromarray(strip).resize(size))
-        return strip
-
-    # ---- training ---------------------------------------------------------------------------
+    # ---- training -----------------------------------------------------------------------------
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         images = batch["image"]  # (N, C, h, w)
@@ -740,125 +427,130 @@ class _Trainer:
             pixel_weights=batch.get("weight"),
         )
 
+    def _next_micro_batches(self, loader: Any) -> tuple[int, list[dict[str, Tensor]]]:
+        """This step's micro-batches; ``StopRun`` on every rank when any rank's data is bad."""
+        from segplatform.data.format import DatasetError
+
+        batches, epoch, problem = [], 0, None
+        try:
+            for _ in range(self.cfg.grad_accum):
+                _, epoch, _, batch = next(loader)
+                batches.append(batch)
+        except DatasetError as err:
+            problem = f"step {self.state.step + 1}: {err}"
+        # One number over all ranks: whether anyone's data failed (before any collective of the
+        # forward/backward pass, so no rank waits in DDP for one that stopped).
+        stop_if_any(problem, "bad data", self.device)
+        return epoch, batches
+
+    def _diverged(self, grad_norm: float, losses: dict[str, float]) -> StopRun:
+        per_rank = all_gather_object(losses)
+        described = "; ".join(
+            f"rank {r}: " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+            for r, terms in enumerate(per_rank)
+        )
+        return StopRun(
+            "diverged",
+            f"loss is not finite at step {self.state.step + 1} (gradient norm {grad_norm}; "
+            f"{described}): lower the learning rate (--lr), clip gradients (--clip-grad-norm) "
+            f"or use the from-scratch recipe (lr {self.cfg.lr:g}, {self.cfg.optimizer})",
+        )
+
     def fit(self) -> None:
         import ray.train
 
-        cfg, plan = self.cfg, self.plan
-        max_iters = plan["max_iters"]
+        cfg, plan, state = self.cfg, self.plan, self.state
+        if self.resume_error:
+            raise StopRun("resume mismatch", self.resume_error)
         accum = cfg.grad_accum
-        micro_per_epoch = plan["iters_per_epoch"] * accum
-        transform = TrainTransform(
-            crop_size=cfg.crop_size,
-            scale_range=cfg.scale_range,
-            hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter,
-            in_channels=self.in_channels,
-            mean=self.normalization["mean"],
-            std=self.normalization["std"],
-            ignore_index=self.ignore_index,
-        )
-        collate = TrainBatchCollate(
-            transform,
-            ignore_index=self.ignore_index,
-            border=(cfg.border_w0, cfg.border_sigma) if cfg.border_weights else None,
-            instances=self.instance,
-            source=cfg.data,
-        )
-        shard = ray.train.get_dataset_shard("train")  # [ray] this worker's part of the train split
-        epochs = _infinite_batches(
-            shard,
-            start_epoch=self.epoch + 1,
-            seed=cfg.seed + 31 * self.rank,
-            batch_size=cfg.batch_size,
-            collate_fn=collate,
-            drop_last=True,  # equal batch counts on every worker (DDP needs them)
-            local_shuffle_buffer_size=max(4 * cfg.batch_size, 16),
-            device=self.device,
-            prefetch_batches=2,
-        )
+        loader = self.batches(state.step, self.device)
         self.model.train()
         running: dict[str, float] = {}
         running_count = 0
         images_seen = 0
         window_start = time.monotonic()
         last_report = time.monotonic()
-        while self.step < max_iters:
-            self.epoch, batches = next(epochs)
+        is_ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        while state.step < plan.max_iters:
+            self.epoch, micro_batches = self._next_micro_batches(loader)
             self.optimizer.zero_grad(set_to_none=True)
-            for micro, batch in enumerate(batches):
-                if micro >= micro_per_epoch:
-                    continue  # an incomplete accumulation group: consume the epoch, skip it
-                last_micro = (micro + 1) % accum == 0
+            step_losses: dict[str, float] = {}
+            for micro, batch in enumerate(micro_batches):
+                last_micro = micro == accum - 1
+                # Gradients are all-reduced on the last micro-batch only.
                 sync = (
-                    contextlib.nullcontext()
-                    if last_micro or not isinstance(self.model, nn.parallel.DistributedDataParallel)
-                    else self.model.no_sync()  # gradients all-reduced on the last micro-batch
+                    self.model.no_sync() if is_ddp and not last_micro else contextlib.nullcontext()
                 )
                 with sync:
                     with torch.autocast(
                         self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
                     ):
                         loss, terms = self._loss(batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"{cfg.name}: loss is {float(loss)} at step {self.step} (terms {terms})"
-                        )
                     self.scaler.scale(loss / accum).backward()
-                running["loss"] = running.get("loss", 0.0) + float(loss.detach())
-                for key, value in terms.items():
-                    running[f"loss_{key}"] = running.get(f"loss_{key}", 0.0) + value
+                value = float(loss.detach())
+                step_losses = {"loss": value, **terms}
+                running["loss"] = running.get("loss", 0.0) + value
+                for key, term in terms.items():
+                    running[f"loss_{key}"] = running.get(f"loss_{key}", 0.0) + term
                 running_count += 1
                 images_seen += batch["image"].shape[0]
-                if not last_micro:
-                    continue
-                if cfg.grad_clip is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.bare.parameters(), cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                maybe_inject_fault(cfg, plan, self.rank, self.step)
+            if self.scaler.is_enabled() or cfg.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = float(gradient_norm(self.parameters, cfg.grad_clip))
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                # DDP gave every rank the same gradients: every rank stops here.
+                raise self._diverged(grad_norm, step_losses)
+            running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm * accum
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            state.step += 1
+            maybe_inject_fault(cfg, plan, self.rank, state.step, self.storage)
 
-                metrics: dict[str, Any] = {}
-                report_due = False
-                if self.step % cfg.log_every == 0 or self.step == max_iters:
-                    keys = sorted(running)
-                    means = mean_over_workers(
-                        [running[k] / max(running_count, 1) for k in keys]
-                        + [time.monotonic() - last_report],
-                        self.device,
-                    )
-                    # The mean over workers: every worker takes the same decision.
-                    report_due = means.pop() >= REPORT_INTERVAL_S
-                    elapsed = max(time.monotonic() - window_start, 1e-9)
-                    metrics.update(dict(zip(keys, means)))
-                    metrics["images_per_s"] = images_seen * self.world_size / elapsed
-                    running, running_count, images_seen = {}, 0, 0
-                    window_start = time.monotonic()
-                metrics.update(self._progress())
-                if self.step % plan["eval_every"] == 0 or self.step == max_iters:
-                    self._evaluate_and_report(metrics)
+            metrics: dict[str, Any] = {}
+            report_due = False
+            if state.step % cfg.log_every == 0 or state.step == plan.max_iters:
+                keys = sorted(running)
+                means = mean_over_workers(
+                    [running[k] / max(running_count, 1) for k in keys]
+                    + [time.monotonic() - last_report],
+                    self.device,
+                )
+                # The mean over workers: every worker takes the same decision.
+                report_due = means.pop() >= REPORT_INTERVAL_S
+                elapsed = max(time.monotonic() - window_start, 1e-9)
+                metrics.update(dict(zip(keys, means)))
+                metrics["images_per_s"] = images_seen * self.world_size / elapsed
+                running, running_count, images_seen = {}, 0, 0
+                window_start = time.monotonic()
+            metrics.update(self._progress())
+            evaluate = state.step % plan.eval_every == 0 or state.step == plan.max_iters
+            checkpoint = bool(plan.checkpoint_every) and state.step % plan.checkpoint_every == 0
+            if evaluate or checkpoint:
+                if evaluate:
+                    self._evaluate_and_checkpoint(metrics)
+                else:
+                    self.tracker.log_metrics(metrics, step=state.step)
+                    self._checkpoint(metrics, score=RESUME_ONLY_SCORE)
+                # Images per second count training only.
+                last_report = window_start = time.monotonic()
+                images_seen = 0
+            elif "loss" in metrics:
+                self.tracker.log_metrics(metrics, step=state.step)
+                if report_due:
+                    ray.train.report(metrics)  # [ray] training metrics (every worker calls it)
                     last_report = time.monotonic()
-                elif "loss" in metrics:
-                    self.tracker.log_metrics(metrics, step=self.step)
-                    if report_due:
-                        ray.train.report(metrics)  # [ray] training metrics (every worker calls it)
-                        last_report = time.monotonic()
-                if self.rank == 0 and ("loss" in metrics or "val_miou" in metrics):
-                    say(progress_line(cfg.name, max_iters, metrics))
-                if self.step >= max_iters:
-                    break
+            if self.rank == 0 and ("loss" in metrics or "val_miou" in metrics):
+                say(progress_line(cfg.name, plan.max_iters, metrics))
         self.tracker.finish("FINISHED")
 
     def _progress(self) -> dict[str, Any]:
         return {
-            "step": self.step,
+            "step": self.state.step,
             "epoch": self.epoch,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "attempt": self.attempt,
-            "start_step": self.start_step,
+            "attempt": self.state.attempt,
+            "start_step": self.state.start_step,
             "world_size": self.world_size,
             "worker_ranks": [w["rank"] for w in self.workers],
             "worker_local_ranks": [w["local_rank"] for w in self.workers],
@@ -866,50 +558,83 @@ class _Trainer:
             "num_nodes": len({w["node_id"] for w in self.workers}),
         }
 
-    def _evaluate_and_report(self, metrics: dict[str, Any]) -> None:
-        import ray.train
-
-        plan = self.plan
-        result, matrix, overlays = self.evaluate()
+    def _evaluate_and_checkpoint(self, metrics: dict[str, Any]) -> None:
+        state = self.state
+        result, matrix, overlays = self.evaluator(self.bare)
         metrics.update(
             {
-                "val_miou": _finite(result["miou"], 0.0),
-                "val_pixel_acc": _finite(result["pixel_acc"], 0.0),
-                "val_mean_acc": _finite(result["mean_acc"], 0.0),
-                "val_fwiou": _finite(result["fwiou"], 0.0),
+                "val_miou": finite(result["miou"], 0.0),
+                "val_pixel_acc": finite(result["pixel_acc"], 0.0),
+                "val_mean_acc": finite(result["mean_acc"], 0.0),
+                "val_fwiou": finite(result["fwiou"], 0.0),
             }
         )
         for name, value in zip(self.info.classes, result["iou"]):
-            metrics[f"val_iou_{_metric_name(name)}"] = _finite(value)
-        if math.isnan(self.best_miou) or metrics["val_miou"] > self.best_miou:
-            self.best_miou = metrics["val_miou"]
-        metrics["best_val_miou"] = self.best_miou
-        final = self.step >= plan["max_iters"]
-        if final:
+            metrics[f"val_iou_{_metric_name(name)}"] = finite(value)
+        if math.isnan(state.best_miou) or metrics["val_miou"] > state.best_miou:
+            state.best_miou = metrics["val_miou"]
+        metrics["best_val_miou"] = state.best_miou
+        if state.step >= self.plan.max_iters:
             checksums = all_gather_object(parameter_checksum(self.bare))
             metrics["param_checksums"] = checksums
             metrics["param_checksum"] = checksums[self.rank]
             # One number per rank, so that MLflow (numbers only) keeps them all.
             metrics.update({f"param_checksum_rank{r}": value for r, value in enumerate(checksums)})
-        self.tracker.log_metrics(metrics, step=self.step)
+        self.tracker.log_metrics(metrics, step=state.step)
         if self.rank == 0:
-            self._log_evaluation(result, matrix, overlays)
-        if not (final or self.step % plan["checkpoint_every"] == 0):
-            ray.train.report(metrics)  # [ray] evaluation without a checkpoint
-            return
+            log_evaluation(self.tracker, state.step, self.info, result, matrix, overlays)
+        self._checkpoint(metrics, score=metrics["val_miou"])
+
+    def _checkpoint(self, metrics: dict[str, Any], *, score: float) -> None:
+        """Write a checkpoint (rank 0) and report it with ``metrics`` (every rank)."""
+        import ray.train
+
+        from segplatform.package import save_package
+
+        state, plan = self.state, self.plan
+        metrics["checkpoint_score"] = score
         rngs = all_gather_object(rng_state())
-        dir_name = f"checkpoint_step{self.step:08d}_{uuid.uuid4().hex[:6]}"
+        dir_name = f"checkpoint_step{state.step:08d}_{uuid.uuid4().hex[:6]}"
         with tempfile.TemporaryDirectory(prefix="segplatform-ckpt-") as directory:
             checkpoint = None
             if self.rank == 0:
-                self._write_checkpoint(Path(directory), metrics, rngs)
+                save_package(
+                    Path(directory) / MODEL_DIR,
+                    self.bare,
+                    self.cfg.arch,
+                    self.model_config,
+                    classes=self.info.classes,
+                    palette=self.info.palette,
+                    ignore_index=self.ignore_index,
+                    normalization=self.normalization,
+                    inference=self.recipe.to_dict(),
+                    metrics={k: v for k, v in metrics.items() if k.startswith("val_")},
+                    extra={
+                        "run_name": self.cfg.name,
+                        "step": state.step,
+                        "dataset": self.cfg.data,
+                        "dataset_name": self.info.name,
+                        "manifest_version": self.info.version,
+                        "dataset_revision": self.info.revision,
+                    },
+                )
+                write_train_state(
+                    Path(directory),
+                    state,
+                    world_size=self.world_size,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    scaler=self.scaler,
+                    rngs=rngs,
+                    fingerprint=plan.fingerprint,
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(directory)  # [ray]
-                if plan.get("local_mode"):  # local mode keeps no checkpoint: persist it here
-                    checkpoint = _persist(Path(directory), plan, dir_name)
+                if plan.local_mode:  # local mode keeps no checkpoint: persist it here
+                    checkpoint = _persist(Path(directory), plan, dir_name, self.storage)
             ray.train.report(  # [ray] metrics + checkpoint (rank 0 uploads it to storage)
                 metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name
             )
-        if self.rank == 0 and not plan.get("local_mode"):
+        if self.rank == 0 and not plan.local_mode:
             # [ray] Wait until Ray Train has committed the checkpoint, so that a failure right
             # after this point resumes from it rather than from the one before.
             try:
@@ -918,7 +643,16 @@ class _Trainer:
                     timeout_s=COMMIT_TIMEOUT_S,
                 )
             except Exception as err:  # the run goes on; a resume may start one checkpoint earlier
-                logger.warning("checkpoint at step %d not confirmed: %s", self.step, err)
+                logger.warning("checkpoint at step %d not confirmed: %s", state.step, err)
+
+    def stop(self, stop: StopRun) -> None:
+        """End the run on a failure that is not a fault (module docstring); every rank calls it."""
+        if self.rank == 0:
+            record = {"kind": stop.kind, "step": self.state.step, "message": str(stop)}
+            write_run_file(self.plan, FAILURE_FILE, json.dumps(record), self.storage)
+            say(f"{self.cfg.name} stopped ({stop.kind}): {stop}")
+            self.tracker.set_tags({"failure": f"{stop.kind}: {stop}"[:5000]})
+        self.tracker.finish("FAILED", timeout=30.0)
 
 
 def progress_line(name: str, max_iters: int, metrics: dict[str, Any]) -> str:
@@ -954,55 +688,19 @@ def quiet_ray_report_log() -> None:
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``)."""
     quiet_ray_report_log()
-    trainer = _Trainer(config_dict)
+    if not config_dict["config"].get("verbose"):
+        # MLflow's database set-up notices (read when mlflow is first imported, below).
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    worker = Worker(config_dict)
     try:
-        trainer.fit()
+        worker.fit()
+    except StopRun as stop:
+        worker.stop(stop)  # returns normally: not a fault, nothing to retry
     except BaseException:
-        trainer.tracker.finish("FAILED", timeout=10.0)
+        worker.tracker.finish("FAILED", timeout=10.0)
         raise
-
-
-# ---- small utilities ----------------------------------------------------------------------------
-
-
-def _same_size_groups(images: list[Tensor]) -> list[list[int]]:
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, image in enumerate(images):
-        groups.setdefault(tuple(image.shape), []).append(index)
-    return list(groups.values())
-
-
-def _finite(value: float, default: float | None = None) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else default
 
 
 def _metric_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    import architectures
-
-    return architectures.config_to_dict(config)
-
-
-def _confusion_figure(matrix: Tensor, names: list[str]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    counts = matrix.double()
-    rows = counts.sum(dim=1, keepdim=True).clamp(min=1)
-    normalized = (counts / rows).numpy()  # row-normalized: recall per target class
-    size = min(2 + 0.4 * len(names), 16)
-    figure, axes = plt.subplots(figsize=(size, size))
-    axes.imshow(normalized, vmin=0, vmax=1, cmap="viridis")
-    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    axes.set_yticks(range(len(names)), names, fontsize=7)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("target")
-    figure.tight_layout()
-    plt.close(figure)
-    return figure

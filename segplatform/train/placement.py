@@ -12,7 +12,7 @@ A request the cluster cannot hold is never refused by Ray: the placement group w
 ``check_cluster_fits`` reads the nodes (``ray.nodes()``) and raises ``ClusterFitError`` at once,
 naming the nodes, when the request cannot fit their *total* resources (a busy cluster is fine:
 the run waits for running work to end). It also refuses a request whose workers would take every
-CPU of the cluster: Ray Data's reading tasks would then get none and the run would hang.
+CPU of the cluster: the tasks that decode their batches would then get none and the run would hang.
 On an autoscaling cluster (nodes appear on demand) turn the check off (``check_cluster=False``).
 
 ``check_shared_storage`` refuses node-local paths for checkpoints and data when the cluster has
@@ -99,9 +99,12 @@ def check_cluster_fits(
     num_workers: int,
     strategy: str,
     nodes: Sequence[Mapping[str, Any]],
+    *,
+    data_cpus: float = 0.0,
 ) -> None:
     """Raise ``ClusterFitError`` when ``num_workers`` workers of ``bundle`` cannot be placed
-    with ``strategy`` on the alive ``nodes`` (``ray.nodes()`` entries), or would leave no CPU."""
+    with ``strategy`` on the alive ``nodes`` (``ray.nodes()`` entries), or would leave less CPU
+    than one decoding task takes (``data_cpus``; some CPU in any case)."""
     alive = alive_nodes(nodes)
     request = f"{num_workers} worker(s) of {_format_bundle(bundle)} with {strategy}"
     where = f"alive nodes: {_describe(alive, bundle)}"
@@ -138,11 +141,13 @@ def check_cluster_fits(
         )
     total_cpus = sum(_resources(node).get("CPU", 0.0) for node in alive)
     worker_cpus = num_workers * float(bundle.get("CPU", 0.0))
-    if worker_cpus > 0 and total_cpus - worker_cpus <= 1e-9:
+    left = total_cpus - worker_cpus
+    if worker_cpus > 0 and (left <= 1e-9 or left < data_cpus):
         raise ClusterFitError(
-            f"{request} would take all {total_cpus:g} CPU(s) of the cluster, leaving none for "
-            f"Ray Data's reading tasks (the run would hang); lower cpus_per_worker (e.g. "
-            f"{total_cpus / (num_workers + 1):.2g}) or add CPUs ({where})"
+            f"{request} would leave {max(left, 0):g} of the cluster's {total_cpus:g} CPU(s) for "
+            f"the tasks that decode batches ({data_cpus:g} CPU each: the run would hang); lower "
+            f"cpus_per_worker (e.g. {total_cpus / (num_workers + 1):.2g}), loader_task_cpus, or "
+            f"add CPUs ({where})"
         )
 
 
@@ -204,6 +209,7 @@ def preflight(
     node_groups: Sequence[Mapping[str, Any]] | None = None,
     check_fit: bool = True,
     shared_local_storage: bool = False,
+    data_cpus: float = 0.0,
 ) -> str:
     """Both checks before a run starts; returns one line about the cluster for the log.
 
@@ -218,7 +224,7 @@ def preflight(
         node_count = max(node_count, possible)
     check_shared_storage(locations, node_count, shared_local_storage=shared_local_storage)
     if check_fit and not node_groups:
-        check_cluster_fits(bundle, num_workers, strategy, nodes)
+        check_cluster_fits(bundle, num_workers, strategy, nodes, data_cpus=data_cpus)
     cpus = sum(_resources(node).get("CPU", 0.0) for node in alive)
     gpus = sum(_resources(node).get("GPU", 0.0) for node in alive)
     scaling = f", autoscaling up to {node_count} nodes" if node_groups else ""

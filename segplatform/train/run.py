@@ -3,13 +3,18 @@
 1. Join a Ray cluster (``config.ray_address`` or ``RAY_ADDRESS``), or start a local one, and
    check the request against its alive nodes before anything starts (``check_placement``): a
    placement the nodes cannot hold, or node-local storage on a multi-node cluster, fails at once.
-2. Read the dataset manifest and resolve the *plan*: iterations per epoch, ``max_iters``,
-   evaluation and checkpoint periods, class weights (median frequency is counted over the train
-   split with Ray Data), the fixed validation samples drawn as overlays, the MLflow URI.
-3. Build a ``TorchTrainer`` over ``train_loop_per_worker`` with the train/val splits as Ray
-   Datasets, checkpoints under ``storage_path/name`` (local or S3 through a pyarrow filesystem),
-   the best ``keep_checkpoints`` kept by ``val_miou``, and ``FailureConfig(max_failures)``.
+2. Resolve the *plan* (``segplatform.train.plan``): iterations per epoch, ``max_iters``,
+   evaluation and checkpoint periods, the train and val splits read into Ray's object store
+   (``segplatform.train.batches``), class weights (median frequency over the train split), the
+   MLflow URI and the resume fingerprint. A run whose latest checkpoint has another fingerprint
+   is refused before Ray starts (``ResumeMismatchError``, naming the fields).
+3. Build a ``TorchTrainer`` over ``train_loop_per_worker``, checkpoints under
+   ``storage_path/name`` (local or S3 through a pyarrow filesystem), the best
+   ``keep_checkpoints`` kept by ``val_miou`` (resume-only checkpoints score below any), and
+   ``FailureConfig(max_failures)`` for lost workers.
 4. ``fit()``. The same ``name`` and ``storage_path`` again resumes from the latest checkpoint.
+   A run the workers stopped (bad data, divergence) raises ``TrainingFailure`` with their
+   message; nothing is registered.
 5. The best checkpoint's model package is logged to the run's MLflow run and, with
    ``register_as``, registered as a model version tagged with the dataset URI, manifest version,
    git commit, Ray run name and ``val_miou``; ``register_alias`` moves to it as ``promote`` says
@@ -19,15 +24,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import subprocess
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from segplatform.train.config import TrainConfig
+from segplatform.train.plan import (
+    Plan,
+    PlanError,
+    ResumeMismatchError,
+    check_dataset,
+    compare_fingerprints,
+    mlflow_uri,
+    resume_fingerprint,
+    schedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +53,13 @@ GIT_COMMIT_ENV_VAR = "SEGPLATFORM_GIT_COMMIT"
 
 __all__ = [
     "PlanError",
+    "ResumeMismatchError",
+    "TrainingFailure",
     "best_checkpoint",
     "build_plan",
     "check_dataset",
     "check_placement",
+    "check_resume",
     "ensure_ray",
     "git_commit",
     "register_best",
@@ -48,29 +68,48 @@ __all__ = [
 ]
 
 
+class TrainingFailure(RuntimeError):
+    """The workers stopped the run (bad data, a non-finite loss): not retried, not registered."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 def ensure_ray(config: TrainConfig) -> None:
     """Connect to ``config.ray_address`` / ``RAY_ADDRESS``, or start a local Ray (embedded)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    from segplatform.local import cluster_address
+
+    address = cluster_address(config.ray_address)  # the local platform's dashboard URL too
     if address:
         ray.init(address=address)
         return
-    # Embedded default: a local cluster with enough logical CPUs for the workers and Ray Data.
+    # Embedded default: a local cluster with enough logical CPUs for the workers and the tasks
+    # that decode their batches.
     # Its dashboard (127.0.0.1, a free port) serves the State API that Ray Train's placement-group
     # cleaner polls every second (it warns on every poll without it). A new local cluster has
     # token authentication on unless RAY_AUTH_MODE says otherwise (Ray's default for ray.init).
     from segplatform.services.ray_head import free_port
 
     needed = math.ceil(max(config.num_workers, 1) * config.resolved_cpus_per_worker()) + 2
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, needed),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
-    )
+    # Its token notices (auth on, a token generated) say nothing a user acts on here.
+    token_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = token_log.level
+    if not config.verbose:
+        token_log.setLevel(logging.ERROR)
+    try:
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+        )
+    finally:
+        token_log.setLevel(level)
 
 
 def check_placement(config: TrainConfig) -> str:
@@ -99,6 +138,7 @@ def check_placement(config: TrainConfig) -> str:
         # Local mode (num_workers=0) places no worker group.
         check_fit=config.check_cluster and config.num_workers > 0,
         shared_local_storage=config.shared_local_storage,
+        data_cpus=config.loader_task_cpus if config.loader_tasks else 0.0,
     )
 
 
@@ -138,215 +178,128 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _mlflow_uri(config: TrainConfig) -> str | None:
-    uri = config.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return None
-    # Ray workers run in other directories: make a relative SQLite path absolute.
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
-    return uri
+def build_plan(config: TrainConfig, info: Any, run_uri: str) -> Plan:
+    """The plan of a run (``segplatform.train.plan``); reads both splits into Ray's object store,
+    so Ray must be running."""
+    import ray
 
+    from segplatform.data.io import canonical_uri
+    from segplatform.train.batches import class_statistics, load_split
 
-def _overlay_ids(config: TrainConfig) -> list[str]:
-    """The first ``overlay_samples`` ids of the validation split (stored order)."""
-    if config.overlay_samples == 0:
-        return []
-    import pyarrow.parquet as pq
-
-    from segplatform.data.format import shard_paths
-
-    fs, paths = shard_paths(config.data, config.val_split, config.storage_options)
-    ids: list[str] = []
-    for path in paths:
-        table = pq.read_table(fs.open_input_file(path), columns=["id"])
-        ids.extend(str(v) for v in table.column("id").to_pylist())
-        if len(ids) >= config.overlay_samples:
-            break
-    return ids[: config.overlay_samples]
-
-
-def class_statistics(config: TrainConfig, num_classes: int, ignore_index: int) -> list[float]:
-    """Median-frequency class weights counted over the train split (a Ray Data pass)."""
-    import numpy as np
-
-    from segplatform.data.reader import read_ray_dataset
-    from segplatform.train.losses import class_pixel_statistics, median_frequency_weights
-
-    def count(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from segplatform.data.reader import decode_mask
-
-        masks = [decode_mask(raw) for raw in batch["mask"]]
-        class_pixels, image_pixels = class_pixel_statistics(masks, num_classes, ignore_index)
-        return {"class_pixels": class_pixels[None], "image_pixels": image_pixels[None]}
-
-    dataset = read_ray_dataset(
-        config.data, config.train_split, config.storage_options, columns=["mask"]
+    iters_per_epoch, max_iters, eval_every = schedule(config, info)
+    train = load_split(
+        config.data,
+        config.train_split,
+        config.storage_options,
+        expected_rows=info.splits[config.train_split],
     )
-    rows = dataset.map_batches(count, batch_format="numpy").take_all()
-    class_pixels = np.sum([row["class_pixels"] for row in rows], axis=0)
-    image_pixels = np.sum([row["image_pixels"] for row in rows], axis=0)
-    return median_frequency_weights(class_pixels, image_pixels)
-
-
-def split_dataset(config: TrainConfig, split: str) -> Any:
-    """The Ray Dataset of one split; small splits are materialized once in the object store.
-
-    A streamed split starts a new read pipeline every epoch and every evaluation; for a split
-    below ``materialize_below_mb`` that start-up costs more than keeping the encoded rows in
-    memory.
-    """
-    from segplatform.data.format import shard_paths
-    from segplatform.data.reader import read_ray_dataset
-
-    dataset = read_ray_dataset(config.data, split, config.storage_options)
-    fs, paths = shard_paths(config.data, split, config.storage_options)
-    size = sum(info.size or 0 for info in fs.get_file_info(paths))
-    if size < config.materialize_below_mb * 2**20:
-        dataset = dataset.materialize()
-    return dataset
-
-
-class PlanError(ValueError):
-    """The config does not fit its dataset (splits, classes, rows, periods): nothing started."""
-
-
-def check_dataset(config: TrainConfig) -> Any:
-    """The dataset's manifest, checked against the config; before anything starts.
-
-    DatasetError when the dataset cannot be read (not a dataset, storage unreachable or
-    refusing the credentials), PlanError when the config does not fit it.
-    """
-    from segplatform.data.format import DatasetError, read_manifest
-
-    if not config.data:
-        raise PlanError("TrainConfig.data: a dataset URI is required (e.g. --data DIR|s3://...)")
-    try:
-        info = read_manifest(config.data, config.storage_options)
-    except OSError as err:  # network, credentials, permissions
-        raise DatasetError(f"{config.data}: cannot read the dataset manifest: {err}") from err
-    for field_name in ("train_split", "val_split"):
-        split = getattr(config, field_name)
-        if split not in info.splits:
-            raise PlanError(
-                f"TrainConfig.{field_name}: {config.data} has no split {split!r} "
-                f"(splits: {sorted(info.splits)})"
-            )
-    given = config.arch_params.get("num_classes")
-    if given is not None and given != info.num_classes:
-        raise PlanError(
-            f"TrainConfig.arch_params: num_classes={given} but {config.data} has "
-            f"{info.num_classes} classes {list(info.classes)}"
-        )
-    if isinstance(config.class_weights, (list, tuple)) and len(config.class_weights) != len(
-        info.classes
-    ):
-        raise PlanError(
-            f"TrainConfig.class_weights: {len(config.class_weights)} weights for "
-            f"{info.num_classes} classes of {config.data}"
-        )
-    _schedule(config, info)
-    return info
-
-
-def _schedule(config: TrainConfig, info: Any) -> tuple[int, int, int, int]:
-    """``(iters_per_epoch, max_iters, eval_every, checkpoint_every)``; PlanError when not even
-    one iteration fits the train split or checkpoints would fall between evaluations."""
-    rows = info.splits[config.train_split]
-    workers = max(config.num_workers, 1)  # local mode (0) runs one loop
-    batches_per_worker = rows // workers // config.batch_size
-    iters_per_epoch = batches_per_worker // config.grad_accum
-    if iters_per_epoch < 1:
-        raise PlanError(
-            f"{config.data}: split {config.train_split!r} has {rows} rows, too few for "
-            f"{workers} workers × batch_size {config.batch_size} × grad_accum "
-            f"{config.grad_accum} (one iteration needs "
-            f"{workers * config.batch_size * config.grad_accum} rows)"
-        )
-    max_iters = config.max_iters or config.epochs * iters_per_epoch
-    eval_every = config.eval_every or iters_per_epoch
-    checkpoint_every = config.checkpoint_every or eval_every
-    if checkpoint_every % eval_every:
-        raise PlanError(
-            f"TrainConfig.checkpoint_every: {checkpoint_every} is not a multiple of the "
-            f"evaluation period {eval_every} (eval_every; default: one epoch = "
-            f"{iters_per_epoch} iterations)"
-        )
-    return iters_per_epoch, max_iters, eval_every, checkpoint_every
-
-
-def build_plan(config: TrainConfig, info: Any = None) -> dict[str, Any]:
-    """What every worker needs beyond the config (see the module docstring); ``info``: the
-    manifest ``check_dataset`` returned (read and checked here when not given)."""
-    info = info if info is not None else check_dataset(config)  # its checks raise PlanError
-    num_classes = info.num_classes
-    iters_per_epoch, max_iters, eval_every, checkpoint_every = _schedule(config, info)
+    val = load_split(
+        config.data,
+        config.val_split,
+        config.storage_options,
+        expected_rows=info.splits[config.val_split],
+        columns=("id", "image", "mask"),
+    )
     class_weights: list[float] | None = None
     if config.class_weights == "median_frequency":
-        class_weights = class_statistics(config, num_classes, info.ignore_index)
+        class_weights = class_statistics(train, info.num_classes, info.ignore_index)
     elif config.class_weights is not None:
         class_weights = [float(v) for v in config.class_weights]
-    _, _, run_uri = storage_for(config)
-    mlflow_uri = _mlflow_uri(config)
-    return {
-        "dataset": info.to_json(),
-        "num_classes": num_classes,
-        "train_rows": info.splits[config.train_split],
-        "iters_per_epoch": iters_per_epoch,
-        "max_iters": max_iters,
-        "eval_every": eval_every,
-        "checkpoint_every": checkpoint_every,
-        "class_weights": class_weights,
-        "overlay_ids": _overlay_ids(config) if mlflow_uri else [],
-        "mlflow_uri": mlflow_uri,
-        "run_storage_uri": run_uri,
-        "local_mode": config.num_workers == 0,
+    uri = mlflow_uri(config)
+    return Plan(
+        dataset=info.to_json(),
+        num_classes=info.num_classes,
+        train_rows=info.splits[config.train_split],
+        iters_per_epoch=iters_per_epoch,
+        max_iters=max_iters,
+        eval_every=eval_every,
+        checkpoint_every=config.checkpoint_every,
+        fingerprint=resume_fingerprint(config, info.num_classes, max_iters),
+        run_storage_uri=run_uri,
+        mlflow_uri=uri,
         # The driver's choice of buffer directory (workers do not share its environment).
-        "tracking_buffer": os.environ.get("SEGPLATFORM_TRACKING_BUFFER"),
-        "storage_options": config.storage_options,
-        "tags": {
-            "dataset": config.data,
+        tracking_buffer=os.environ.get("SEGPLATFORM_TRACKING_BUFFER"),
+        class_weights=class_weights,
+        overlay_count=min(config.overlay_samples, val.rows) if uri else 0,
+        local_mode=config.num_workers == 0,
+        tags={
+            "dataset": canonical_uri(config.data),
             "dataset_name": info.name,
             "manifest_version": str(info.version),
+            "dataset_revision": info.revision,  # the rows' content: a rewrite changes it
             "git_commit": git_commit(),
             "ray_run_name": config.name,
             "architecture": config.arch,
+            # MLflow shows the run under its parent (a sweep's run).
+            **(
+                {"mlflow.parentRunId": config.mlflow_parent_run} if config.mlflow_parent_run else {}
+            ),
         },
-    }
+        train=train,
+        val=val,
+        storage_ref=ray.put(config.storage_options) if config.storage_options else None,
+    )
 
 
-def _driver_tracker(config: TrainConfig, plan: dict[str, Any]) -> Any:
+def check_resume(config: TrainConfig, info: Any) -> str | None:
+    """The checkpoint the run will resume from (None: a new run); ``ResumeMismatchError`` when
+    it was written under another model or schedule (the fields are named)."""
+    from segplatform.train.state import latest_fingerprint
+
+    _, _, run_uri = storage_for(config)
+    try:
+        latest = latest_fingerprint(run_uri, config.storage_options)
+    except OSError:
+        return None  # storage unreachable: fit() reports it (and waits for it)
+    if latest is None:
+        return None
+    name, stored = latest
+    _, max_iters, _ = schedule(config, info)
+    differences = compare_fingerprints(
+        stored, resume_fingerprint(config, info.num_classes, max_iters)
+    )
+    if differences:
+        raise ResumeMismatchError(
+            f"{run_uri} already holds run {config.name!r}, whose latest checkpoint ({name}) was "
+            f"written with other settings: {'; '.join(differences)}. Run again with the same "
+            "settings to resume it, or give a new --name to start another run"
+        )
+    return name
+
+
+def _driver_tracker(config: TrainConfig, plan: Plan) -> Any:
     from segplatform.tracking import RunTracker
 
-    if not plan["mlflow_uri"]:
+    if not plan.mlflow_uri:
         return RunTracker.disabled()
     from segplatform.train.loop import tracking_buffer_root
 
-    root = tracking_buffer_root(config.name, plan["tracking_buffer"])
+    root = tracking_buffer_root(config.name, plan.tracking_buffer)
     buffer = root / f"driver-{uuid.uuid4().hex[:8]}"
     return RunTracker(
-        plan["mlflow_uri"],
+        plan.mlflow_uri,
         config.experiment,
         config.name,
         buffer_dir=buffer,
         run_key=config.name,
-        tags=plan["tags"],
+        tags=plan.tags,
     )
 
 
 def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
-    """The checkpoint with the highest ``val_miou`` and its metrics (the last one in local mode)."""
-    if not result.best_checkpoints:  # local mode keeps no checkpoint history
+    """The evaluated checkpoint with the highest ``val_miou`` and its metrics (the last one in
+    local mode, which keeps no checkpoint history)."""
+    evaluated = [(c, m) for c, m in result.best_checkpoints or [] if m and "val_miou" in m]
+    if not evaluated:
         return result.checkpoint, dict(result.metrics or {})
-    best = result.get_best_checkpoint("val_miou", "max") or result.checkpoint
-    metrics = next((m for c, m in result.best_checkpoints if c.path == best.path), {})
-    return best, dict(metrics or {})
+    best, metrics = max(evaluated, key=lambda item: item[1]["val_miou"])
+    return best, dict(metrics)
 
 
-def register_best(config: TrainConfig, plan: dict[str, Any], result: Any) -> Any:
+def register_best(config: TrainConfig, plan: Plan, result: Any) -> Any:
     """Log the best checkpoint's model package to MLflow and register it; returns the checkpoint."""
     best, metrics = best_checkpoint(result)
-    if best is None or not plan["mlflow_uri"]:
+    if best is None or not plan.mlflow_uri:
         return best
     tracker = _driver_tracker(config, plan)
     with best.as_directory() as directory:
@@ -355,7 +308,11 @@ def register_best(config: TrainConfig, plan: dict[str, Any], result: Any) -> Any
         if "val_miou" in metrics:
             tracker.log_metrics({"best_val_miou": metrics["val_miou"]}, step=metrics.get("step", 0))
         if config.register_as:
-            tags = {k: v for k, v in plan["tags"].items() if k != "architecture"}
+            tags = {
+                k: v
+                for k, v in plan.tags.items()
+                if k not in ("architecture", "mlflow.parentRunId")
+            }
             tags["val_miou"] = str(metrics.get("val_miou", ""))
             tags["checkpoint"] = best.path
             tracker.register_model(
@@ -417,29 +374,51 @@ def _wait_for_storage(filesystem: Any, path: str, timeout: float) -> None:
             time.sleep(2.0)
 
 
-def run(config: TrainConfig) -> Any:
+def _take_failure(config: TrainConfig, plan: Plan) -> dict[str, Any] | None:
+    """The ``failure.json`` the workers left in the run directory (removed), or None."""
+    from segplatform.train.loop import FAILURE_FILE, run_file
+
+    fs, path = run_file(plan, FAILURE_FILE, config.storage_options)
+    try:
+        with fs.open_input_stream(path) as stream:
+            record = json.loads(stream.read().decode())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    fs.delete_file(path)
+    return record
+
+
+def run(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Any:
     """Train ``config`` on Ray Train; returns the ``ray.train.Result`` (see module docstring).
 
-    Refused before anything starts (not even Ray): DatasetError, PlanError; after joining the
-    cluster: ClusterFitError, SharedStorageError.
+    ``callbacks`` go to Ray Train's ``RunConfig`` (a sweep passes Tune's ``TuneReportCallback``,
+    which turns each report of rank 0 into one Tune result).
+
+    Refused before anything starts (not even Ray): DatasetError, PlanError (ResumeMismatchError
+    included); after joining the cluster: ClusterFitError, SharedStorageError. Stopped by the
+    workers (bad data, divergence): TrainingFailure.
     """
     info = check_dataset(config)  # fail fast, before Ray starts
+    resumes = check_resume(config, info)
     ensure_ray(config)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from segplatform.train.loop import train_loop_per_worker
 
     logger.info("placement check passed: %s", check_placement(config))
-    plan = build_plan(config, info)
     storage_path, storage_filesystem, run_uri = storage_for(config)
+    plan = build_plan(config, info, run_uri)
+    _take_failure(config, plan)  # a stopped earlier attempt's record is not this run's
     resources: dict[str, float] | None = config.worker_bundle()
     if config.num_workers == 0:
         resources = None  # local mode: nothing to reserve
-    datasets = {
-        "train": split_dataset(config, config.train_split),
-        "val": split_dataset(config, config.val_split),
-    }
 
     def make_trainer() -> TorchTrainer:
         return TorchTrainer(
@@ -457,21 +436,24 @@ def run(config: TrainConfig) -> Any:
                 storage_filesystem=storage_filesystem,
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=config.keep_checkpoints,
-                    checkpoint_score_attribute="val_miou",
+                    checkpoint_score_attribute="checkpoint_score",
                     checkpoint_score_order="max",
                 ),
                 failure_config=FailureConfig(max_failures=config.max_failures),
+                # The job log reads like a training log: progress lines, not Ray's set-up.
+                logging_config=LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
+                callbacks=list(callbacks),
             ),
-            datasets=datasets,
         )
 
-    logger.info(
-        "training %s (%s) on %d worker(s): %d iterations, checkpoints in %s",
-        config.name,
-        config.arch,
-        config.num_workers,
-        plan["max_iters"],
-        run_uri,
+    say(
+        f"{config.name}: {config.arch}{' (tiny)' if config.tiny else ''} on "
+        f"{max(config.num_workers, 1)} worker(s) × batch {config.batch_size}"
+        f"{f' × {config.grad_accum} accumulated' if config.grad_accum > 1 else ''}, "
+        f"{plan.max_iters} iterations ({plan.iters_per_epoch} per epoch of {plan.train_rows} "
+        f"rows), {config.optimizer_settings()}; "
+        + (f"resuming from {resumes}; " if resumes else "")
+        + f"checkpoints in {run_uri}"
     )
     storage_failures = 0
     while True:
@@ -495,12 +477,20 @@ def run(config: TrainConfig) -> Any:
                 )
                 _wait_for_storage(storage_filesystem, storage_path, STORAGE_WAIT_S)
                 continue
-            if plan["mlflow_uri"]:
+            if plan.mlflow_uri:
                 _driver_tracker(config, plan).finish("FAILED", timeout=30.0)
             raise
         except BaseException:
-            if plan["mlflow_uri"]:
+            if plan.mlflow_uri:
                 _driver_tracker(config, plan).finish("FAILED", timeout=30.0)
             raise
+    failure = _take_failure(config, plan)
+    if failure is not None:
+        raise TrainingFailure(failure.get("kind", "stopped"), failure.get("message", ""))
     register_best(config, plan, result)
     return result
+
+
+def say(line: str) -> None:
+    """One line of the run's log on stdout."""
+    print(line, flush=True)

@@ -58,7 +58,9 @@ def test_round_trip_is_pixel_identical_with_shards(tmp_path: Path, tiny_dataset,
     assert len(list((uri / "train").glob("part-*.parquet"))) > 1  # bounded shards
     assert validate_dataset(str(uri), check_samples=True) == info
     manifest = json.loads((uri / "dataset.json").read_text())
-    assert set(manifest) == {"name", "classes", "palette", "ignore_index", "splits", "version"}
+    assert set(manifest) == {
+        "name", "classes", "palette", "ignore_index", "splits", "version", "revision",
+    }  # fmt: skip
     rows = list(iter_samples(str(uri), "train")) + list(iter_samples(f"file://{uri}", "val"))
     assert [r["id"] for r in rows] == [f"sample-{i:04d}" for i in range(10)]
     for index, row in enumerate(rows):
@@ -220,3 +222,15 @@ def test_decode_helpers() -> None:
     assert decode_image(png_bytes(grey), channels=3).shape == (2, 3, 3)
     np.testing.assert_array_equal(decode_mask(png_bytes(grey)), grey)
     assert os.path.isabs(local_path("relative/dir"))
+
+
+def test_the_revision_follows_the_rows_content(tmp_path, tiny_dataset) -> None:
+    from segplatform.data.format import read_manifest
+
+    first = tiny_dataset(tmp_path / "a")
+    same = tiny_dataset(tmp_path / "b")  # the same samples written again elsewhere
+    other = tiny_dataset(tmp_path / "c", splits={"train": 6, "val": 3})
+    relabelled = tiny_dataset(tmp_path / "d", num_classes=4)
+    assert len(first.revision) == 16
+    assert first.revision == same.revision == read_manifest(str(tmp_path / "a")).revision
+    assert len({first.revision, other.revision, relabelled.revision}) == 3

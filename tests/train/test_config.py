@@ -29,7 +29,13 @@ def test_defaults_round_trip_through_dict_and_json() -> None:
         ({"batch_size": 0}, "batch_size"),
         ({"crop_size": (4, 4)}, "crop_size"),
         ({"scale_range": (2.0, 1.0)}, "scale_range"),
-        ({"eval_every": 4, "checkpoint_every": 6}, "checkpoint_every"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"optimizer": "adamw", "momentum": 0.99}, "momentum"),
+        ({"optimizer": "sgd", "betas": (0.9, 0.999)}, "betas"),
+        ({"optimizer": "adamw", "betas": (0.9,)}, "betas"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"grad_clip": 0}, "grad_clip"),
+        ({"loader_tasks": -1}, "loader_tasks"),
         ({"amp": "fp16"}, "amp"),
         ({"class_weights": "inverse"}, "class_weights"),
         ({"promote": "sometimes"}, "promote"),
@@ -44,6 +50,29 @@ def test_defaults_round_trip_through_dict_and_json() -> None:
 def test_invalid_values_name_the_field(changes: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field}"):
         TrainConfig(**changes)
+
+
+def test_optimizer_settings_belong_to_their_optimizer() -> None:
+    sgd = TrainConfig(optimizer="sgd", momentum=0.99)
+    assert sgd.resolved_momentum() == 0.99 and "momentum 0.99" in sgd.optimizer_settings()
+    adamw = TrainConfig(optimizer="adamw", lr=1e-3)
+    assert adamw.resolved_betas() == (0.9, 0.999)
+    assert adamw.optimizer_settings().startswith("AdamW lr 0.001 betas (0.9, 0.999)")
+    assert TrainConfig(optimizer="adamw", betas=[0.8, 0.99]).resolved_betas() == (0.8, 0.99)
+
+
+def test_storage_credentials_are_redacted_in_to_dict() -> None:
+    options = {"endpoint_url": "http://127.0.0.1:9000", "key": "AKIA1", "secret": "s3cr3t"}
+    config = TrainConfig(storage_options={**options, "session_token": "tok"})
+    shown = config.to_dict()
+    assert shown["storage_options"] == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "key": "***",
+        "secret": "***",
+        "session_token": "***",
+    }
+    assert "s3cr3t" not in json.dumps(shown) and "AKIA1" not in json.dumps(shown)
+    assert config.to_dict(secrets=True)["storage_options"]["secret"] == "s3cr3t"
 
 
 def test_unknown_keys_are_rejected_with_their_source() -> None:
@@ -113,6 +142,43 @@ def test_job_recipe_scales_lr_with_total_batch_unless_given() -> None:
         reference_batch=16,
     )
     assert tiny.tiny and tiny.crop_size == TINY_PRESET["crop_size"] and tiny.max_iters == 3
+
+
+def test_recipe_momentum_is_dropped_for_adamw_with_a_note() -> None:
+    recipe = TrainConfig(arch="unet", optimizer="sgd", momentum=0.99, lr=0.01)
+    parser = build_parser(defaults=recipe)
+    notes: list[str] = []
+    config = config_from_args(
+        parser.parse_args(["--data", "/d", "--optimizer", "adamw", "--lr", "1e-3"]),
+        base=recipe,
+        reference_batch=1,
+        notes=notes,
+    )
+    assert config.optimizer == "adamw" and config.momentum is None
+    assert config.resolved_betas() == (0.9, 0.999)  # never the recipe's 0.99
+    assert notes == ["note: the recipe's momentum 0.99 is SGD's; adamw runs without it"]
+    with pytest.raises(ValueError, match=r"TrainConfig\.momentum: is SGD's setting"):
+        config_from_args(
+            parser.parse_args(["--data", "/d", "--optimizer", "adamw", "--momentum", "0.9"]),
+            base=recipe,
+            reference_batch=1,
+        )
+    betas = config_from_args(
+        parser.parse_args(["--data", "/d", "--optimizer", "adamw", "--betas", "0.8,0.95"]),
+        base=recipe,
+        reference_batch=1,
+    )
+    assert betas.betas == (0.8, 0.95)
+
+
+def test_a_config_file_value_is_as_explicit_as_an_option(tmp_path) -> None:
+    recipe = TrainConfig(arch="pspnet", batch_size=2, lr=0.01, max_iters=100)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 0.003}))
+    parser = build_parser(defaults=recipe)
+    args = parser.parse_args(["--data", "/d", "--workers", "8", "--config", str(path)])
+    config = config_from_args(args, base=recipe, reference_batch=16)
+    assert config.lr == 0.003  # not rescaled to the total batch
 
 
 def test_cli_error_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:

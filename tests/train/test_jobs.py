@@ -34,17 +34,28 @@ def test_one_job_per_registry_entry() -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(architectures.ARCHITECTURES))
-def test_job_recipe_is_the_papers_and_scales_lr(arch: str) -> None:
+def test_job_has_the_papers_recipe_and_a_from_scratch_one(arch: str) -> None:
     from segplatform.train.cli_args import build_parser, config_from_args
 
     recipe = _load(JOBS_DIR / f"train_{arch}.py").RECIPE
-    assert recipe.config.arch == arch
+    assert recipe.config.arch == arch and recipe.scratch is not None
     assert recipe.description and recipe.reference_batch >= 1
     parser = build_parser(defaults=recipe.config)
-    args = parser.parse_args(["--data", "/d", "--workers", "4", "--batch-size", "1"])
-    config = config_from_args(args, base=recipe.config, reference_batch=recipe.reference_batch)
+    argv = ["--data", "/d", "--workers", "4", "--batch-size", "1"]
+    # With a pretrained backbone: the paper's recipe, its lr scaled linearly with the batch.
+    paper, batch, why = recipe.choose("/weights/backbone.pth")
+    assert paper is recipe.config and why.startswith("paper recipe")
+    config = config_from_args(parser.parse_args(argv), base=paper, reference_batch=batch)
     assert config.lr == pytest.approx(recipe.config.lr * 4 / recipe.reference_batch)
     assert config.crop_size == recipe.config.crop_size
+    # Without one: the from-scratch recipe, AdamW (no SGD momentum), square-root lr scaling.
+    scratch, batch, why = recipe.choose(None)
+    assert why.startswith("from-scratch recipe: no --pretrained-backbone given")
+    config = config_from_args(parser.parse_args(argv), base=scratch, reference_batch=batch)
+    assert config.optimizer == "adamw" and config.momentum is None
+    assert config.lr == pytest.approx(scratch.lr * (4 / recipe.scratch_reference_batch) ** 0.5)
+    assert config.grad_clip is not None and config.head_lr_mult == 1.0
+    assert recipe.choose(None, "paper")[0] is recipe.config
 
 
 @pytest.mark.slow
@@ -64,7 +75,9 @@ def test_job_runs_one_tiny_iteration(
         "--name", f"job-{arch}", "--set", "overlay_samples=0",
     ]  # fmt: skip
     assert module.job_main(module.RECIPE, argv) == 0
-    assert "run job-" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"jobs/train_{arch}.py: from-scratch recipe: no --pretrained-backbone given" in out
+    assert "run job-" in out
     checkpoints = list((Path(storage) / f"job-{arch}").glob("checkpoint_step00000001_*"))
     assert len(checkpoints) == 1
     meta = json.loads((checkpoints[0] / "model" / "model.json").read_text())
@@ -119,3 +132,30 @@ def test_channels_last_training_writes_a_package_that_loads(
     with torch.no_grad():
         logits = model(torch.zeros(1, 3, 32, 32))["out"]
     assert logits.shape == (1, len(meta.classes), 32, 32) and torch.isfinite(logits).all()
+
+
+def test_a_dashboard_url_as_ray_address_is_refused_before_ray_starts(
+    shapes_dataset: str, tmp_path: Path
+) -> None:
+    """``ray.init`` cannot join through a dashboard URL (what ``ray job submit`` takes); one
+    that is not the local platform's is refused with the way out, before any Ray starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "SEGPLATFORM_HOME": str(tmp_path / "no-platform"),
+        "RAY_ADDRESS": "http://127.0.0.1:8265",
+    }
+    command = [
+        sys.executable, str(JOBS_DIR / "train_unet.py"), "--data", shapes_dataset, "--tiny",
+        "--workers", "2", "--name", "dash", "--storage", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        "error: run dash refused: RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard URL"
+        in done.stderr
+    )
+    assert not (tmp_path / "runs").exists()

@@ -88,7 +88,6 @@ def _config(
         data=shapes_dataset,
         max_iters=max_iters,
         eval_every=EVAL_EVERY,
-        checkpoint_every=max_iters,  # one checkpoint, at the end: evaluations are what is logged
         log_every=EVAL_EVERY,
         keep_checkpoints=1,
         storage_path=storage,

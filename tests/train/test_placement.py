@@ -68,9 +68,13 @@ def test_pack_over_the_whole_cluster_capacity_is_refused() -> None:
 
 
 def test_workers_taking_every_cpu_are_refused() -> None:
-    # The known hang: Ray Data's reading tasks would get no CPU.
-    with pytest.raises(ClusterFitError, match="leaving none for Ray Data"):
+    # The known hang: the tasks that decode batches would get no CPU.
+    with pytest.raises(ClusterFitError, match="would leave 0 of the cluster's 2 CPU"):
         check_cluster_fits({"CPU": 1}, 2, "STRICT_SPREAD", TWO_NODES)
+    # Some CPU left, but less than one decoding task takes.
+    with pytest.raises(ClusterFitError, match=r"leave 0\.25 .* \(0\.5 CPU each"):
+        check_cluster_fits({"CPU": 0.875}, 2, "SPREAD", TWO_NODES, data_cpus=0.5)
+    check_cluster_fits({"CPU": 0.75}, 2, "SPREAD", TWO_NODES, data_cpus=0.5)
 
 
 def test_no_alive_node() -> None:

@@ -83,7 +83,12 @@ def test_s3_data_and_checkpoints_survive_a_server_restart(
         storage_path=f"s3://{BUCKET}/runs",
         name="s3-run",
         max_failures=3,
+        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="s3-run",
     )
+    # Ray Train keeps each run's train loop config in its state actor (the dashboard's Train
+    # view) when state tracking is on: the keys must not be in it.
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     outcome: dict[str, Any] = {}
 
     def train() -> None:
@@ -114,3 +119,28 @@ def test_s3_data_and_checkpoints_survive_a_server_restart(
     assert state["step"] == 6
     assert (local / "model" / "model.safetensors").stat().st_size > 0
     assert len(_checkpoint_dirs(fs, runs_path)) >= 2
+    _assert_credentials_stay_out(options, config, tmp_path)
+
+
+def _assert_credentials_stay_out(
+    options: dict[str, str], config: TrainConfig, tmp_path: Path
+) -> None:
+    """The S3 keys reach neither the MLflow run's params nor Ray Train's run state."""
+    import json
+
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    secrets = [options["key"], options["secret"]]
+    client = MlflowClient(config.mlflow_uri)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("s3-run").experiment_id])
+    params = json.dumps(mlflow_run.data.params)
+    assert "train.storage_options" in mlflow_run.data.params and "***" in params
+    assert not any(secret in params for secret in secrets)
+    runs = ray.get(get_state_actor().get_train_runs.remote())
+    state = json.dumps(
+        [run.model_dump(mode="json") for run in runs.values() if run.name == "s3-run"],
+        default=str,
+    )
+    assert "s3-run" in state and not any(secret in state for secret in secrets)

@@ -147,8 +147,13 @@ def test_mlflow_run_metrics_artifacts_and_registered_model(trained: dict) -> Non
     assert len(overlays) == 4  # 2 fixed validation samples × 2 evaluations
 
 
-def test_same_name_resumes_from_the_latest_checkpoint(trained: dict) -> None:
-    config = trained["config"].replace(max_iters=MAX_ITERS + 2, mlflow_uri=None, register_as=None)
-    metrics = run(config).metrics
-    assert metrics["start_step"] == MAX_ITERS and metrics["attempt"] == 2
-    assert metrics["step"] == MAX_ITERS + 2
+def test_resuming_under_other_settings_is_refused_naming_them(trained: dict) -> None:
+    from segplatform.train.run import ResumeMismatchError
+
+    config = trained["config"].replace(max_iters=MAX_ITERS + 2, lr=0.001, register_as=None)
+    with pytest.raises(ResumeMismatchError) as refused:
+        run(config)
+    assert "lr: 0.003 -> 0.001; max_iters: 80 -> 82" in str(refused.value)
+    # The same settings resume the finished run: nothing left to train, the same final step.
+    again = run(trained["config"].replace(mlflow_uri=None, register_as=None)).metrics
+    assert again["step"] == MAX_ITERS

@@ -1,0 +1,438 @@
+"""Training and validation batches: rows in Ray's object store, one global order per epoch,
+decoding and augmentation in Ray tasks.
+
+**Rows.** ``load_split`` reads a split's Parquet shards once, on the driver, into Ray's object
+store: one Arrow table per shard (``SplitRows``). A row's *index* is its position in the split
+(shards in name order, rows in stored order). Workers and decoding tasks read the tables from
+their node's object store without copying them; a split larger than the store spills to disk.
+
+**Order.** Epoch ``e`` visits the rows in a permutation drawn from ``(seed, e)`` alone
+(``epoch_order``). Iteration ``t`` of the epoch takes the next ``G = batch_size × grad_accum ×
+workers`` indices; micro-batch ``m`` of worker ``r`` is the slice starting at ``t·G + (m·W +
+r)·B`` (``micro_batch_indices``). So every row is seen once per epoch (the last ``rows mod G`` of
+the permutation wait for a later epoch), a global batch depends only on ``(seed, epoch, t)`` and
+the total batch, and a resumed run continues with exactly the batch that came next.
+
+**Augmentation.** Each sample's random augmentation (scale, crop, flip, jitter) is drawn from a
+generator seeded by ``(seed, epoch, index)``: the same whichever worker, task or process decodes
+it, and after a resume.
+
+**Decoding.** ``TrainBatches`` keeps ``loader_tasks`` micro-batches in flight as Ray tasks of
+``loader_task_cpus`` CPUs each (on the worker's node where it has room), so PNG/JPEG decoding and
+augmentation run outside the training process and its GIL; ``loader_tasks=0`` decodes inline.
+Both call ``make_train_batch``: they give identical batches.
+
+**Validation.** Worker ``r`` of ``W`` scores the rows whose index ``i`` has ``i mod W == r``
+(``eval_indices``): every row exactly once, whatever the worker count.
+
+Ray Data's ``streaming_split`` gives none of this: its assignment of blocks to workers depends on
+timing, ``equal=True`` drops rows that the workers do not divide, and its shuffle is a local
+buffer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from segplatform.train.losses import unet_border_weights
+from segplatform.train.transforms import TrainTransform
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BatchSpec",
+    "SplitRows",
+    "TrainBatches",
+    "epoch_order",
+    "eval_indices",
+    "load_split",
+    "make_train_batch",
+    "micro_batch_indices",
+    "read_split_tables",
+    "sample_seed",
+]
+
+COLUMNS = ("id", "image", "mask", "instances")
+
+
+# ---- rows -----------------------------------------------------------------------------------
+
+
+def read_split_tables(
+    uri: str,
+    split: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    columns: Sequence[str] = COLUMNS,
+    expected_rows: int | None = None,
+) -> list[pa.Table]:
+    """The split's shards as Arrow tables (shards in name order), checked against the format.
+
+    DatasetError names the shard when it cannot be read or lacks a column, and the split when
+    its shards do not hold ``expected_rows`` rows (the manifest's count).
+    """
+    import pyarrow.parquet as pq
+
+    from segplatform.data import io as dio
+    from segplatform.data.format import DatasetError, check_schema, shard_paths
+
+    fs, paths = shard_paths(uri, split, storage_options)
+    tables = []
+    for path in paths:
+        source = dio.display_uri(str(uri), path)
+        try:
+            file = pq.ParquetFile(fs.open_input_file(path))
+            check_schema(file.schema_arrow, source)
+            present = [c for c in columns if c in file.schema_arrow.names]
+            tables.append(file.read(columns=present))
+        except (OSError, pa.ArrowException) as err:
+            raise DatasetError(f"{source}: cannot read the shard ({err})") from err
+    rows = sum(t.num_rows for t in tables)
+    if expected_rows is not None and rows != expected_rows:
+        raise DatasetError(
+            f"{uri}: split {split!r} has {rows} rows in its shards but dataset.json says "
+            f"{expected_rows}"
+        )
+    return tables
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """One split's rows in Ray's object store: one Arrow table per shard."""
+
+    refs: tuple[Any, ...]  # ray.ObjectRef of a pyarrow.Table, per shard
+    offsets: tuple[int, ...]  # index of each table's first row
+    rows: int  # rows in the split
+    source: str  # "<dataset URI> <split>", for messages
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(table, row in table)`` of a split index."""
+        table = bisect.bisect_right(self.offsets, index) - 1
+        return table, index - self.offsets[table]
+
+    def tables(self) -> list[pa.Table]:
+        """Every table (from the local object store)."""
+        import ray
+
+        return list(ray.get(list(self.refs)))
+
+
+def load_split(
+    uri: str,
+    split: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    expected_rows: int | None = None,
+    columns: Sequence[str] = COLUMNS,
+) -> SplitRows:
+    """Read a split into Ray's object store (driver side; see the module docstring)."""
+    import ray
+
+    tables = read_split_tables(
+        uri, split, storage_options, columns=columns, expected_rows=expected_rows
+    )
+    offsets, start = [], 0
+    for table in tables:
+        offsets.append(start)
+        start += table.num_rows
+    refs = tuple(ray.put(table) for table in tables)
+    return SplitRows(refs, tuple(offsets), start, f"{uri} split {split!r}")
+
+
+# ---- order ----------------------------------------------------------------------------------
+
+
+def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of ``range(rows)`` that epoch ``epoch`` visits (from seed and epoch only)."""
+    return np.random.default_rng([seed, epoch]).permutation(rows)
+
+
+def micro_batch_indices(
+    order: np.ndarray,
+    iteration: int,
+    micro: int,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    grad_accum: int,
+) -> np.ndarray:
+    """Split indices of micro-batch ``micro`` of worker ``rank`` at ``iteration`` of an epoch."""
+    total = batch_size * grad_accum * world_size
+    start = iteration * total + (micro * world_size + rank) * batch_size
+    return order[start : start + batch_size]
+
+
+def eval_indices(rows: int, rank: int, world_size: int) -> range:
+    """The validation rows worker ``rank`` scores: every row once over all workers."""
+    return range(rank, rows, max(world_size, 1))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint32)[0])
+
+
+# ---- decoding + augmentation ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What ``make_train_batch`` needs besides the rows (small and picklable)."""
+
+    crop_size: tuple[int, int]
+    scale_range: tuple[float, float]
+    hflip: bool
+    color_jitter: float
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    ignore_index: int
+    seed: int
+    border: tuple[float, float] | None = None  # U-Net eq. 2 (w0, sigma), or no weight map
+    instances: bool = False  # also return instance maps (Mask R-CNN)
+    source: str = "dataset"  # dataset URI, for messages
+
+    @classmethod
+    def from_config(
+        cls, cfg: Any, *, in_channels: int, normalization: dict, ignore_index: int, instances: bool
+    ) -> BatchSpec:
+        return cls(
+            crop_size=tuple(cfg.crop_size),
+            scale_range=tuple(cfg.scale_range),
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter,
+            in_channels=in_channels,
+            mean=tuple(normalization["mean"]),
+            std=tuple(normalization["std"]),
+            ignore_index=ignore_index,
+            seed=cfg.seed,
+            border=(cfg.border_w0, cfg.border_sigma) if cfg.border_weights else None,
+            instances=instances,
+            source=cfg.data,
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _transform(spec: BatchSpec) -> TrainTransform:
+    return TrainTransform(
+        crop_size=spec.crop_size,
+        scale_range=spec.scale_range,
+        hflip=spec.hflip,
+        color_jitter=spec.color_jitter,
+        in_channels=spec.in_channels,
+        mean=spec.mean,
+        std=spec.std,
+        ignore_index=spec.ignore_index,
+    )
+
+
+def make_train_batch(
+    tables: Sequence[pa.Table],
+    picks: Sequence[tuple[int, int]],
+    indices: Sequence[int],
+    epoch: int,
+    spec: BatchSpec,
+) -> dict[str, np.ndarray]:
+    """Decode and augment rows into one batch.
+
+    ``picks[i]`` is ``(table, row)`` of split index ``indices[i]``. Returns ``image`` (N, C, h,
+    w) float32, ``mask`` (N, h, w) int64, and ``weight`` (N, h, w) float32 (U-Net border
+    weights) and ``instances`` (N, h, w) int64 (-1: no instance map) when the spec asks.
+    DatasetError names the row that cannot be decoded.
+    """
+    from segplatform.data.format import DatasetError
+    from segplatform.data.reader import decode_image, decode_mask
+
+    transform = _transform(spec)
+    images, masks, weights, instance_maps = [], [], [], []
+    for (table_index, row), index in zip(picks, indices):
+        table = tables[table_index]
+        row_name = f"{spec.source} row {table.column('id')[row].as_py()}"
+        try:
+            image = decode_image(table.column("image")[row].as_py())
+            mask = decode_mask(table.column("mask")[row].as_py())
+            instance_map = None
+            if spec.instances and "instances" in table.column_names:
+                raw = table.column("instances")[row].as_py()
+                instance_map = None if raw is None else decode_mask(raw)
+        except Exception as err:
+            raise DatasetError(f"{row_name}: cannot decode ({err})") from err
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(spec.seed, epoch, int(index)))
+            out = transform(image, mask, instance_map, source=row_name)
+        images.append(out[0].numpy())
+        masks.append(out[1].numpy())
+        if spec.instances:
+            instance_maps.append(out[2].numpy() if instance_map is not None else None)
+        if spec.border is not None:
+            w0, sigma = spec.border
+            weights.append(
+                unet_border_weights(
+                    out[1].numpy(), w0=w0, sigma=sigma, ignore_index=spec.ignore_index
+                ).astype(np.float32)
+            )
+    batch = {"image": np.stack(images), "mask": np.stack(masks)}  # (N, C, h, w), (N, h, w)
+    if weights:
+        batch["weight"] = np.stack(weights)  # (N, h, w)
+    if spec.instances:
+        blank = np.full_like(batch["mask"][0], -1)
+        batch["instances"] = np.stack([m if m is not None else blank for m in instance_maps])
+    return batch
+
+
+def _decode_task(
+    spec: BatchSpec,
+    picks: list[tuple[int, int]],
+    indices: list[int],
+    epoch: int,
+    *tables: pa.Table,
+) -> dict[str, np.ndarray]:
+    """Ray task body: ``make_train_batch`` over the tables passed (resolved by Ray)."""
+    return make_train_batch(tables, picks, indices, epoch, spec)
+
+
+def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Tensor]:
+    """A decoded batch on ``device`` (pinned host memory and asynchronous copies on CUDA)."""
+    out = {}
+    for key, array in batch.items():
+        tensor = torch.from_numpy(np.array(array, copy=True))  # task results are read-only
+        if device.type == "cuda":
+            tensor = tensor.pin_memory().to(device, non_blocking=True)
+        out[key] = tensor
+    return out
+
+
+class TrainBatches:
+    """The micro-batches of one worker, from a step on, forever (see the module docstring)."""
+
+    def __init__(
+        self,
+        rows: SplitRows,
+        spec: BatchSpec,
+        *,
+        batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        tasks: int = 2,
+        task_cpus: float = 0.5,
+        node_id: str | None = None,
+    ) -> None:
+        self.rows, self.spec = rows, spec
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.world_size, self.rank = world_size, rank
+        self.iters_per_epoch = rows.rows // (batch_size * grad_accum * world_size)
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"{rows.source}: {rows.rows} rows, fewer than one iteration")
+        self.tasks, self.task_cpus, self.node_id = tasks, task_cpus, node_id
+        self._tables: list[pa.Table] | None = None  # inline decoding reads them once
+        self._epoch_order: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, iteration within the epoch)`` of global iteration ``step``."""
+        return divmod(step, self.iters_per_epoch)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, epoch_order(self.rows.rows, self.spec.seed, epoch))
+        return self._epoch_order[1]
+
+    def _requests(self, start_step: int) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        step = start_step
+        while True:
+            epoch, iteration = self.position(step)
+            order = self._order(epoch)
+            for micro in range(self.grad_accum):
+                indices = micro_batch_indices(
+                    order,
+                    iteration,
+                    micro,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    batch_size=self.batch_size,
+                    grad_accum=self.grad_accum,
+                )
+                yield step, epoch, micro, indices
+            step += 1
+
+    def _submit(self, epoch: int, indices: np.ndarray) -> Any:
+        located = [self.rows.locate(int(i)) for i in indices]
+        if self.tasks == 0:
+            if self._tables is None:
+                self._tables = self.rows.tables()
+            return make_train_batch(self._tables, located, indices.tolist(), epoch, self.spec)
+        used = sorted({table for table, _ in located})
+        remap = {table: position for position, table in enumerate(used)}
+        picks = [(remap[table], row) for table, row in located]
+        return _remote(self.task_cpus, self.node_id).remote(
+            self.spec, picks, indices.tolist(), epoch, *(self.rows.refs[t] for t in used)
+        )
+
+    def __call__(
+        self, start_step: int, device: torch.device
+    ) -> Iterator[tuple[int, int, int, dict[str, Tensor]]]:
+        """Yield ``(step, epoch, micro, batch)`` from ``start_step`` on."""
+        import ray
+
+        pending: deque[tuple[int, int, int, Any]] = deque()
+        requests = self._requests(start_step)
+        depth = max(self.tasks, 1)
+        try:
+            while True:
+                while len(pending) < depth:
+                    step, epoch, micro, indices = next(requests)
+                    pending.append((step, epoch, micro, self._submit(epoch, indices)))
+                step, epoch, micro, handle = pending.popleft()
+                batch = handle if self.tasks == 0 else ray.get(handle)
+                yield step, epoch, micro, to_tensors(batch, device)
+        finally:
+            if self.tasks:
+                for *_, handle in pending:
+                    ray.cancel(handle)
+
+
+@functools.lru_cache(maxsize=4)
+def _remote(cpus: float, node_id: str | None) -> Any:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options: dict[str, Any] = {"num_cpus": cpus, "max_retries": 3}
+    if node_id:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+    return ray.remote(_decode_task).options(**options)
+
+
+# ---- class statistics -----------------------------------------------------------------------
+
+
+def _count_task(num_classes: int, ignore_index: int, table: pa.Table) -> tuple[Any, Any]:
+    from segplatform.data.reader import decode_mask
+    from segplatform.train.losses import class_pixel_statistics
+
+    masks = (decode_mask(value.as_py()) for value in table.column("mask"))
+    return class_pixel_statistics(masks, num_classes, ignore_index)
+
+
+def class_statistics(rows: SplitRows, num_classes: int, ignore_index: int) -> list[float]:
+    """Median-frequency class weights over a split (one Ray task per shard)."""
+    import ray
+
+    from segplatform.train.losses import median_frequency_weights
+
+    task = ray.remote(num_cpus=0.5)(_count_task)
+    counts = ray.get([task.remote(num_classes, ignore_index, ref) for ref in rows.refs])
+    class_pixels = np.sum([c for c, _ in counts], axis=0)
+    image_pixels = np.sum([i for _, i in counts], axis=0)
+    return median_frequency_weights(class_pixels, image_pixels)
