@@ -1,0 +1,419 @@
+"""The Serve endpoint on one local Ray cluster: formats, every accepted image mode, the bad-input
+corpus (statuses, no 5xx, replica memory), overload 503s, the API key, batching equal to
+unbatched, metrics and the web page in headless Chromium.
+
+One Ray cluster and one Serve instance for the module, two applications on it (one replica
+each, a tiny U-Net): ``main`` at ``/`` (the corpus limits of ``corpus.py``, dynamic batching
+on, so every answer below also checks that batched inference gives ``segment_image``'s labels)
+and ``guarded`` at ``/guarded`` (admits one request at a time, bearer key, no batching: the
+default on CPU).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+from PIL import Image
+
+from segplatform.serve.settings import api_key_digest
+from tests.serve.conftest import CLASSES, PALETTE, free_port, replica_pids
+from tests.serve.corpus import (
+    BODY_LIMIT,
+    MIN_SIDE,
+    PIXEL_LIMIT,
+    bad_input_corpus,
+    encode,
+    good_images,
+    noise_rgb,
+)
+
+pytestmark = pytest.mark.slow
+API_KEY = "test-key-" + uuid.uuid4().hex
+
+
+@dataclass
+class Endpoint:
+    base: str  # http://127.0.0.1:PORT
+    apps: dict[str, str]  # role -> application name
+    package: str
+
+    def url(self, role: str, path: str) -> str:
+        prefix = "" if role == "main" else f"/{role}"
+        return f"{self.base}{prefix}{path}"
+
+
+@pytest.fixture(scope="module")
+def endpoint(tiny_package: str) -> Iterator[Endpoint]:
+    import ray
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from segplatform.serve.app import build_app
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    suffix = uuid.uuid4().hex[:8]
+    common = {
+        "model": tiny_package,
+        "num_cpus": 0.5,
+        "max_body_bytes": BODY_LIMIT,
+        "max_pixels": PIXEL_LIMIT,
+        "min_side": MIN_SIDE,
+        "torch_threads": 1,
+    }
+    settings = {
+        "main": {
+            **common,
+            "batching": True,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.05,
+            "max_inflight": 16,
+        },
+        "guarded": {
+            **common,
+            "max_inflight": 1,
+            "ongoing_headroom": 16,
+            "api_key_sha256": api_key_digest(API_KEY),
+        },
+    }
+    apps = {role: f"{role}-{suffix}" for role in settings}
+    try:
+        serve.run_many(
+            [
+                RunTarget(
+                    build_app(settings[role]),
+                    name=apps[role],
+                    route_prefix="/" if role == "main" else f"/{role}",
+                )
+                for role in settings
+            ]
+        )
+        yield Endpoint(f"http://127.0.0.1:{port}", apps, tiny_package)
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_package: str):
+    """``segment_image`` with the served package, for comparison."""
+    from segplatform.evaluate import segment_image
+    from segplatform.package import load_package
+
+    model, meta = load_package(tiny_package)
+    return lambda image: segment_image(model, meta, image)[0]
+
+
+def post(
+    url: str, body, content_type: str | None, key: str | None = None, **params: str
+) -> requests.Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return requests.post(url, data=body, headers=headers, params=params, timeout=120)
+
+
+def decoded(image_bytes: bytes, in_channels: int = 3) -> np.ndarray:
+    """The array the endpoint segments for ``image_bytes`` (L stays L, others RGB)."""
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        mode = "L" if image.mode in ("L", "LA", "1") else "RGB"
+        return np.asarray(image.convert(mode))
+
+
+def test_formats_match_segment_image(endpoint: Endpoint, reference) -> None:
+    from pycocotools import mask as coco_mask
+
+    rgb = noise_rgb(45, 70, seed=11)
+    body = encode(Image.fromarray(rgb), "PNG")
+    expected = reference(rgb)
+    url = endpoint.url("main", "/v1/segment")
+
+    mask = post(url, body, "image/png", format="png")
+    assert mask.status_code == 200 and mask.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(mask.content)) as image:
+        assert image.mode == "P" and image.size == (70, 45)
+        assert image.getpalette()[: 3 * len(PALETTE)] == [c for rgb_ in PALETTE for c in rgb_]
+        np.testing.assert_array_equal(np.asarray(image), expected)
+
+    areas = post(url, body, "image/png", format="json")
+    assert areas.status_code == 200
+    data = areas.json()
+    assert (data["width"], data["height"]) == (70, 45)
+    assert data["model"]["architecture"] == "unet"
+    assert [c["name"] for c in data["classes"]] == list(CLASSES)
+    counts = np.bincount(expected.reshape(-1), minlength=len(CLASSES))
+    assert [c["pixels"] for c in data["classes"]] == counts.tolist()
+    for entry in data["masks"]:
+        rle = {"size": entry["rle"]["size"], "counts": entry["rle"]["counts"].encode()}
+        np.testing.assert_array_equal(coco_mask.decode(rle), expected == entry["id"])
+
+    blended = post(url, body, "image/png", format="overlay")
+    assert blended.status_code == 200
+    with Image.open(io.BytesIO(blended.content)) as image:
+        assert image.mode == "RGB" and image.width == 160 and image.height > 45  # + legend
+
+    multipart = requests.post(
+        url, files={"file": ("scan.png", body, "image/png")}, params={"format": "png"}, timeout=60
+    )
+    assert multipart.status_code == 200 and multipart.content == mask.content
+
+
+def test_every_accepted_mode_and_format(endpoint: Endpoint, reference) -> None:
+    url = endpoint.url("main", "/v1/segment")
+    for name, (body, content_type) in good_images().items():
+        response = post(url, body, content_type, format="png")
+        assert response.status_code == 200, (name, response.text)
+        with Image.open(io.BytesIO(response.content)) as mask:
+            labels = np.asarray(mask)
+        assert labels.shape == (40, 56), name
+        if name in ("rgb_png", "grey_png", "tiff", "webp", "octet_stream_png"):
+            np.testing.assert_array_equal(labels, reference(decoded(body)), err_msg=name)
+
+
+def test_recipe_options_from_the_query(endpoint: Endpoint) -> None:
+    from segplatform.evaluate import recipe_for, segment_image
+    from segplatform.package import load_package
+
+    model, meta = load_package(endpoint.package)
+    rgb = noise_rgb(48, 48, seed=4)
+    body = encode(Image.fromarray(rgb), "PNG")
+    url = endpoint.url("main", "/v1/segment")
+    response = post(url, body, "image/png", flip="true", scales="0.75,1")
+    assert response.status_code == 200
+    expected = segment_image(model, meta, rgb, recipe=recipe_for(meta, flip=True, scales=(0.75, 1)))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(response.content))), expected[0])
+
+
+def _high_water_mb(pid: int) -> float:
+    """The process's peak resident set so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _send_corpus(url: str, cases: list) -> list[str]:
+    failures = []
+    for case in cases:
+        body = case.body() if callable(case.body) else case.body
+        began = time.monotonic()
+        response = post(url, body, case.content_type, **case.query)
+        seconds = time.monotonic() - began
+        if response.status_code != case.status:
+            failures.append(f"{case.name}: {response.status_code} {response.text[:200]}")
+            continue
+        assert response.status_code < 500
+        if case.status != 200:
+            error = response.json()["error"]
+            assert error["code"] == case.code, case.name
+            assert error["message"], case.name
+            assert seconds < 10, (case.name, seconds)
+    return failures
+
+
+def test_bad_input_corpus(endpoint: Endpoint) -> None:
+    url = endpoint.url("main", "/v1/segment")
+    for body, content_type in good_images().values():  # every decoder loaded once
+        for fmt in ("png", "json", "overlay"):
+            assert post(url, body, content_type, format=fmt).status_code == 200
+    (pid,) = replica_pids(endpoint.apps["main"])
+    replica = psutil.Process(pid)
+    cases = bad_input_corpus()
+    assert len(cases) >= 20
+    # The refused requests first: the peak resident set shows that none of them was decoded or
+    # buffered whole (a decompression bomb decoded would take gigabytes).
+    refused = [case for case in cases if case.status != 200]
+    peak_before = _high_water_mb(pid)
+    rss_before = replica.memory_info().rss / 2**20
+    failures = _send_corpus(url, refused)
+    assert not failures, "\n".join(failures)
+    peak_rise = _high_water_mb(pid) - max(peak_before, rss_before)
+    assert peak_rise < 128, f"replica peak RSS rose by {peak_rise:.0f} MB over refused requests"
+    # Then the whole corpus, the accepted edge cases (a 4-megapixel image) too.
+    assert not _send_corpus(url, cases)
+    # A replay: what the first pass left in the allocator's pools is reused, so growth here by as
+    # much as the 4-megapixel image as float32 (45 MB) is a leak.
+    rss_warm = replica.memory_info().rss / 2**20
+    assert not _send_corpus(url, cases)
+    rss_after = replica.memory_info().rss / 2**20
+    print(f"replica RSS {rss_before:.0f} MB -> {rss_warm:.0f} MB -> {rss_after:.0f} MB")
+    assert rss_after - rss_warm < 45, f"replica RSS grew by {rss_after - rss_warm:.0f} MB on replay"
+    assert replica_pids(endpoint.apps["main"]) == [pid], "the replica was replaced"
+    health = requests.get(endpoint.url("main", "/v1/health"), timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_errors_outside_segment_are_json(endpoint: Endpoint) -> None:
+    missing = requests.get(endpoint.base + "/no/such/path", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong_method = requests.get(endpoint.url("main", "/v1/segment"), timeout=10)
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_overload_answers_fast_json_503_and_accepted_requests_succeed(
+    endpoint: Endpoint,
+) -> None:
+    url = endpoint.url("guarded", "/v1/segment")
+    body = encode(Image.fromarray(noise_rgb(700, 700, seed=2)), "PNG")
+
+    def one(_: int) -> tuple[int, float, requests.Response]:
+        began = time.monotonic()
+        response = post(url, body, "image/png", key=API_KEY, format="png")
+        return response.status_code, time.monotonic() - began, response
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+    slowest_ok = max(seconds for status, seconds, _ in results if status == 200)
+    for status, seconds, response in results:
+        if status == 503:
+            assert response.json()["error"]["code"] == "overloaded"
+            assert int(response.headers["Retry-After"]) >= 1
+            assert seconds < max(2.0, slowest_ok), seconds
+        else:
+            with Image.open(io.BytesIO(response.content)) as mask:
+                assert mask.size == (700, 700)
+    print(f"overload: {statuses.count(200)} accepted, {statuses.count(503)} refused")
+
+
+def test_api_key(endpoint: Endpoint) -> None:
+    url = endpoint.url("guarded", "/v1/segment")
+    body = encode(Image.fromarray(noise_rgb(32, 32)), "PNG")
+    missing = post(url, body, "image/png")
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
+    assert missing.json()["error"]["code"] == "unauthorized"
+    wrong = requests.post(
+        url, data=body, headers={"Content-Type": "image/png", "Authorization": "Bearer nope"}
+    )
+    assert wrong.status_code == 401
+    good = requests.post(
+        url,
+        data=body,
+        headers={"Content-Type": "image/png", "Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert good.status_code == 200
+    assert requests.get(endpoint.url("guarded", "/v1/model"), timeout=10).status_code == 401
+    assert requests.get(endpoint.url("guarded", "/v1/health"), timeout=10).status_code == 200
+    info = requests.get(
+        endpoint.url("guarded", "/v1/model"),
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=10,
+    )
+    assert info.status_code == 200 and API_KEY not in info.text
+    assert api_key_digest(API_KEY) not in info.text
+
+
+def test_batching_gives_the_unbatched_labels(endpoint: Endpoint, reference) -> None:
+    url = endpoint.url("main", "/v1/segment")
+    images = [noise_rgb(40, 48, seed=s) for s in range(6)] + [noise_rgb(33, 51, seed=9)]
+    bodies = [encode(Image.fromarray(image), "PNG") for image in images]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: post(url, body, "image/png"), bodies))
+    for image, response in zip(images, responses):
+        assert response.status_code == 200
+        labels = np.asarray(Image.open(io.BytesIO(response.content)))
+        np.testing.assert_array_equal(labels, reference(image))
+    info = requests.get(endpoint.url("main", "/v1/model"), timeout=10).json()
+    assert info["batching"] is True
+    unbatched = requests.get(
+        endpoint.url("guarded", "/v1/model"),
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=10,
+    ).json()
+    assert unbatched["batching"] is False  # the default on CPU
+
+
+def test_model_and_health(endpoint: Endpoint) -> None:
+    info = requests.get(endpoint.url("main", "/v1/model"), timeout=10).json()
+    assert info["name"] == Path(endpoint.package).name and info["version"] is None
+    assert info["architecture"] == "unet" and info["classes"] == list(CLASSES)
+    assert info["metrics"] == {"val_miou": 0.5}
+    assert info["recipe"]["mode"] == "whole"
+    assert info["limits"]["max_pixels"] == PIXEL_LIMIT and info["limits"]["min_side"] == MIN_SIDE
+    health = requests.get(endpoint.url("main", "/v1/health"), timeout=10).json()
+    assert health["status"] == "ok"
+
+
+def test_metrics_reach_rays_prometheus_endpoint(endpoint: Endpoint) -> None:
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+    body = encode(Image.fromarray(noise_rgb(32, 32)), "PNG")
+    post(endpoint.url("main", "/v1/segment"), body, "image/png")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = scrape()
+        wanted = ("ray_segplatform_serve_requests", "ray_segplatform_serve_latency_s")
+        if all(name in text for name in wanted) and "ray_serve_num_http_requests" in text:
+            break
+        time.sleep(2)
+    assert 'status="200"' in text and "ray_segplatform_serve_requests" in text
+    assert "ray_segplatform_serve_batch_size" in text
+    assert "ray_serve_num_http_requests" in text  # Serve's own
+
+
+def test_web_page_in_headless_chromium(endpoint: Endpoint, artifacts_dir: Path, tmp_path: Path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (scripts/system-deps.sh installs it)")
+    image_path = tmp_path / "scan.png"
+    Image.fromarray(noise_rgb(120, 160, seed=8)).save(image_path)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(chromium),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(endpoint.url("main", "/"))
+            page.wait_for_selector("#legend li", timeout=30_000)
+            page.set_input_files("#file", str(image_path))
+            page.wait_for_function(
+                "document.getElementById('overlay').naturalWidth > 0", timeout=60_000
+            )
+            page.wait_for_selector("#areas tbody tr", timeout=30_000)
+            legend = page.locator("#legend li").all_inner_texts()
+            assert legend == list(CLASSES)
+            assert page.eval_on_selector("#overlay", "img => img.naturalWidth") == 160
+            assert page.locator("#error").inner_text() == ""
+            shot = artifacts_dir / "serve-page.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
+    print(json.dumps({"legend": legend}))
