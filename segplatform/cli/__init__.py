@@ -16,11 +16,15 @@ COMMAND_MODULES: tuple[str, ...] = (
     # [commands]
     "quickstart",
     "train",
+    "sweep",
     "data",
     "local",
     "flops",
     "evaluate",
     "tracking",
+    "bench",
+    "serve",
+    "export",
 )
 
 
