@@ -387,6 +387,12 @@ class LocalPlatform:
         head = RayHead.from_record(self.state_dir / "ray", services["ray_head"])
         head_alive = head.is_alive()
         head_healthy = head_alive and head.healthy()
+        if head_healthy:
+            head_detail = "job server answers with the token"
+        elif head_alive:
+            head_detail = "job server not ready"
+        else:
+            head_detail = head.exit_reason() or "not running"
         node_statuses = []
         if services.get("ray_nodes"):
             by_name = {node.name: node for node in self._node_statuses(state, head)}
@@ -426,7 +432,7 @@ class LocalPlatform:
                 head.pid,
                 head_alive,
                 head_healthy,
-                "job server answers with the token" if head_healthy else "job server not ready",
+                head_detail,
             ),
             *node_statuses,
         ]

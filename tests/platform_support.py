@@ -89,6 +89,19 @@ class RunningPlatform:
         """state.json as it is now (``local node add|remove`` change it)."""
         return json.loads((self.state_dir / "state.json").read_text())
 
+    def diagnostics(self, lines: int = 60) -> str:
+        """``local status --json`` and the end of the Ray head's log, for a failure message."""
+        try:
+            status = json.dumps(self.status_report(), indent=1)
+        except (AssertionError, ValueError, subprocess.SubprocessError) as error:
+            status = f"local status failed: {error}"
+        log_path = self.state_dir / "ray" / "ray.log"
+        try:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as error:
+            tail = str(error)
+        return f"--- local status\n{status}\n--- {log_path} (last {lines} lines)\n{tail}"
+
     def status_report(self) -> dict[str, Any]:
         """The report of ``segplatform local status --json`` (healthy or not)."""
         result = run_cli(["local", "status", "--state-dir", str(self.state_dir), "--json"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -77,6 +78,11 @@ WORKER_PORT_RANGE = range(10002, 20000)
 # Longest Ray temp dir path that keeps the session's unix socket paths under 107 bytes
 # (``<temp>/session_YYYY-MM-DD_HH-MM-SS_ffffff_PID/sockets/plasma_store`` adds ~70 bytes).
 MAX_TEMP_DIR_LENGTH = 36
+
+
+# ``ray start --block`` output: colour codes, and one line per process that died.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+DEAD_PROCESS_LINE = re.compile(r"(?:^|-- )\s*(\S+) \[exit code=([^\]]+)\]\s*$")
 
 
 class RayHeadError(RuntimeError):
@@ -329,6 +335,29 @@ class RayHead:
             raise RayHeadError(
                 f"{self.dashboard_url}: unexpected node list {str(reply)[:200]}"
             ) from None
+
+    def exit_reason(self) -> str | None:
+        """Why ``ray start --block`` ended, from its log: it stops the whole head when one of its
+        processes dies and names that process and its exit code ("dashboard [exit code=-9]").
+        None when the log says nothing of the kind."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        lines = [ANSI_ESCAPE.sub("", line) for line in lines]
+        heading = [i for i, line in enumerate(lines) if "Some Ray subprocesses exited" in line]
+        if not heading:
+            return None
+        dead = []
+        for line in lines[heading[-1] + 1 :]:
+            found = DEAD_PROCESS_LINE.search(line)
+            if found is None:
+                if line.strip():
+                    break
+                continue
+            dead.append(f"{found[1]} [exit code={found[2]}]")
+        which = ", ".join(dead) or "a Ray process died"
+        return f"exited: {which}; log {self.log_path}"
 
     def is_alive(self) -> bool:
         """Whether the ``ray start --block`` process runs."""

@@ -23,6 +23,7 @@ from tests.platform_support import (
     run_venv,
     s3_client,
     service_ports,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -159,6 +160,33 @@ def test_s3_enforces_credentials(local_platform: Any) -> None:
         "InvalidAccessKeyId",
         "AccessDenied",
     }
+
+
+def test_status_names_the_ray_process_that_died(local_platform: Any) -> None:
+    """``ray start --block`` stops the whole head when one of its processes dies; ``status``
+    says which one instead of a bare "not ready"."""
+    import psutil
+
+    temp_dir = local_platform.state["services"]["ray_head"]["temp_dir"]
+    dashboards = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if any("dashboard/dashboard.py" in part for part in process.info["cmdline"] or [])
+        and temp_dir in " ".join(process.info["cmdline"])
+    ]
+    assert len(dashboards) == 1, dashboards
+    dashboards[0].kill()
+
+    def head_report() -> dict[str, Any] | None:
+        report = local_platform.status_report()
+        head = next(s for s in report["services"] if s["name"] == "ray_head")
+        return None if head["alive"] else {"report": report, "head": head}
+
+    found = wait_for(head_report, 60, "the head outlived its dashboard")
+    assert found["report"]["healthy"] is False
+    assert found["head"]["detail"].startswith("exited: dashboard"), found["head"]
+    mlflow = next(s for s in found["report"]["services"] if s["name"] == "mlflow")
+    assert mlflow["healthy"], mlflow
 
 
 def test_down_leaves_nothing(local_platform: Any) -> None:

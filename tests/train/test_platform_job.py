@@ -91,7 +91,7 @@ def submitted(platform: Platform) -> dict[str, Any]:
     job = platform.run(command, timeout=600)
     output = job.stdout + job.stderr
     found = re.search(r"Job '(raysubmit_\w+)'", output)
-    assert found, output[-5000:]
+    assert found, output[-3000:] + "\n" + platform.diagnostics()
     return {
         "data": data,
         "bucket": bucket,
@@ -104,7 +104,7 @@ def submitted(platform: Platform) -> dict[str, Any]:
 
 def test_job_succeeded(platform: Platform, submitted: dict[str, Any]) -> None:
     output = submitted["output"]
-    assert submitted["job"].returncode == 0, output[-5000:]
+    assert submitted["job"].returncode == 0, output[-5000:] + "\n" + platform.diagnostics()
     assert f"Job '{submitted['id']}' succeeded" in output, output[-5000:]
     status = platform.run(["ray", "job", "status", submitted["id"]], timeout=60)
     assert f"Job '{submitted['id']}' succeeded" in status.stdout, status.stdout + status.stderr
