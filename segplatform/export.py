@@ -313,7 +313,9 @@ def export_package(
     """Export the package at ``uri`` and write ``export.json`` beside the file."""
     from segplatform.package import load_package
 
-    model, meta = load_package(uri, device="cpu", storage_options=storage_options)
+    model, meta = load_package(
+        uri, device="cpu", storage_options=storage_options, memory_format=torch.contiguous_format
+    )
     result = export_model(
         model,
         meta.architecture,

@@ -122,6 +122,29 @@ def _slide_probs(
     return (total / count)[:, :, :height, :width]
 
 
+# Architectures whose inference is slower with channels-last (NHWC) weights, by device type:
+# PSPNet R-50 on 2 CPU cores 0.95-0.99x at 256x256 and on an H200 3.4x slower at 1024x2048
+# (the layout conversions around its pyramid pooling); ICNet on the H200 fp32 1.1x slower.
+# Every other semantic network ran 1.0-1.3x faster on the CPU (BENCHMARKS.md, P4).
+CHANNELS_LAST_SLOWER: dict[str, frozenset[str]] = {
+    "cpu": frozenset({"pspnet"}),
+    "cuda": frozenset({"pspnet", "icnet"}),
+}
+
+
+def inference_memory_format(architecture: str, device: str | torch.device) -> torch.memory_format:
+    """The weight layout the inference path gives ``architecture`` on ``device``: channels-last
+    where it was measured faster, contiguous (NCHW) elsewhere and for instance models.
+
+    Convolutions take the layout of their weights, so NCHW images need no conversion; the
+    numbers only change by float reordering (labels agreed on every pixel of every model).
+    """
+    kind = torch.device(device).type
+    if architecture == "mask_rcnn" or architecture in CHANNELS_LAST_SLOWER.get(kind, {""}):
+        return torch.contiguous_format
+    return torch.channels_last if kind in CHANNELS_LAST_SLOWER else torch.contiguous_format
+
+
 @torch.inference_mode()
 def predict_probs(
     model: nn.Module, images: Tensor, recipe: InferenceRecipe, *, num_classes: int

@@ -177,12 +177,18 @@ def read_package_meta(uri: str | os.PathLike, storage_options: dict | None = Non
 
 
 def load_package(
-    uri: str | os.PathLike, device: str | torch.device = "cpu", storage_options: dict | None = None
+    uri: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    storage_options: dict | None = None,
+    *,
+    memory_format: torch.memory_format | None = None,
 ) -> tuple[nn.Module, ModelPackage]:
     """Rebuild the model of the package at ``uri`` (eval mode, on ``device``) and its metadata.
 
     ``uri`` may also be an MLflow model URI (``models:/name@alias``, ``runs:/id/path``); it is
-    downloaded first.
+    downloaded first. The weights take ``memory_format``; None: the inference path's layout for
+    the architecture and device (``segplatform.inference.inference_memory_format``), so that
+    evaluation, prediction and serving run the same, faster, model.
     """
     import safetensors.torch
 
@@ -212,7 +218,11 @@ def load_package(
             f"{uri}: weights do not match {meta.architecture} "
             f"(missing {really_missing[:5]}, unexpected {list(unexpected)[:5]})"
         )
-    return model.to(device).eval(), meta
+    if memory_format is None:
+        from segplatform.inference import inference_memory_format
+
+        memory_format = inference_memory_format(meta.architecture, device)
+    return model.to(device, memory_format=memory_format).eval(), meta
 
 
 def _is_tied(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:

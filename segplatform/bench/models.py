@@ -302,11 +302,13 @@ def p7(ctx: Any) -> Any:
         del tiny_model, tiny_step
         latency_ms = paper_ips = None
         if not ctx.quick:
+            # The paper's input channels, not the tiny config's (U-Net: 1 grey channel vs 3).
+            paper_channels = int(getattr(architectures.build_config(arch), "in_channels", 3))
             model = architectures.build_model(arch, num_classes=classes)
-            forward = forward_fn(model, size=latency_size, channels=channels)
+            forward = forward_fn(model, size=latency_size, channels=paper_channels)
             latency_ms = 1000 * median_window(forward, warmup=1, calls=1, windows=2)
             step = train_step_fn(
-                model, batch=1, size=paper_crop, channels=channels, num_classes=classes
+                model, batch=1, size=paper_crop, channels=paper_channels, num_classes=classes
             )
             paper_ips = 1 / median_window(step, warmup=1, calls=2, windows=1)
             del model, forward, step

@@ -209,9 +209,7 @@ def load_served_model(
         source = f"models:/{ref.name}/{version}"
     else:
         source = ref.uri
-    model, meta = load_package(source, device=device)
-    if device.startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)
+    model, meta = load_package(source, device=device)  # in the inference path's layout
     recipe = recipe_for(meta)
     if min_side is None:
         min_side = probe_min_side(model, meta, recipe, device)
@@ -271,9 +269,7 @@ def segment_batch(
             )
             for index in indices
         ]
-        batch = torch.cat(tensors).to(served.device)  # (B, C, H, W)
-        if served.device.startswith("cuda"):
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = torch.cat(tensors).to(served.device)  # (B, C, H, W); convs follow the weights
         probs = predict_probs(served.model, batch, recipe, num_classes=meta.num_classes)
         labels = probs.argmax(dim=1).cpu().numpy()  # (B, H, W)
         dtype = np.uint8 if meta.num_classes <= 256 else np.uint16
