@@ -14,6 +14,8 @@ Per repeat, interleaved:
 - **HTTP, concurrency 1**: the same image POSTed to ``/u`` one request at a time (a kept-alive
   connection): median latency. Added latency = HTTP median − in-process median (decode, PNG
   encode, HTTP proxy, Serve routing);
+- **Serve's floor**: the same body POSTed to a third application, an echo FastAPI ingress
+  that does no work: what any Serve HTTP endpoint costs on this machine;
 - **concurrency 8**, unbatched ``/u`` and batched ``/b``: 8 client threads send ``requests``
   requests in all; images per second.
 """
@@ -114,6 +116,11 @@ def measure(settings: ServeBenchSettings) -> dict[str, Any]:
             endpoints.append(
                 start_endpoint(serve_settings, port=port, app_name=name, route_prefix=prefix)
             )
+        from ray import serve
+
+        from segplatform.bench.echo_app import echo_app
+
+        serve.run(echo_app(), name="bench-echo", route_prefix="/e")
         base = f"http://127.0.0.1:{port}"
         headers = {"Content-Type": "image/png"}
         session = requests.Session()
@@ -149,6 +156,7 @@ def measure(settings: ServeBenchSettings) -> dict[str, Any]:
         arms = {
             "in-process": lambda: latencies(lambda: segment_image(model, meta, image)),
             "http": lambda: latencies(lambda: post("/u")),
+            "serve floor": lambda: latencies(lambda: post("/e")),
             "unbatched c8": lambda: throughput("/u"),
             "batched c8": lambda: throughput("/b"),
         }
@@ -156,6 +164,7 @@ def measure(settings: ServeBenchSettings) -> dict[str, Any]:
             segment_image(model, meta, image)
             post("/u")
             post("/b")
+            post("/e")
         throughput("/u"), throughput("/b")  # warm-up of the concurrent paths
         results: dict[str, list[float]] = {name: [] for name in arms}
         for _ in range(settings.repeats):
@@ -211,6 +220,33 @@ def p6(ctx: Any) -> Any:
                 arm_unit="ms (median)",
                 target=("<=", 5.0),
                 notes=common,
+            ),
+            Comparison(
+                id="P6",
+                name="HTTP p50: Serve's own floor",
+                ours="POST of the same body to an echo deployment (FastAPI ingress, no work)",
+                against="no request at all",
+                quantity="median latency of the echo",
+                unit="ms",
+                values=arms["serve floor"],
+                arms={"serve floor": arms["serve floor"]},
+                arm_unit="ms (median)",
+                notes="the part of the added latency that any Serve HTTP endpoint pays here",
+            ),
+            Comparison(
+                id="P6",
+                name="HTTP p50: added by our handler",
+                ours="POST /v1/segment?format=png, unbatched deployment",
+                against="in-process segment_image plus Serve's floor (echo)",
+                quantity="HTTP − in-process − echo",
+                unit="ms",
+                values=[
+                    h - i - e
+                    for h, i, e in zip(arms["http"], arms["in-process"], arms["serve floor"])
+                ],
+                arms={"http": arms["http"], "in-process": arms["in-process"]},
+                arm_unit="ms (median)",
+                notes="decode, checks, the replica's thread pools, PNG encoding, metrics",
             ),
             Comparison(
                 id="P6",
