@@ -19,7 +19,6 @@ Usage:
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segplatform.train.cli_args import job_recipe
 from segplatform.tune.cli import sweep_main
 
 SPACE = {
@@ -40,14 +40,6 @@ SPACE = {
 }
 
 
-def _recipe():
-    """The training job's recipe (jobs/train_deeplab_v3.py), which every trial starts from."""
-    path = Path(__file__).resolve().with_name("train_deeplab_v3.py")
-    spec = importlib.util.spec_from_file_location("train_deeplab_v3", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RECIPE
-
-
 if __name__ == "__main__":
-    sys.exit(sweep_main(prog="jobs/sweep_deeplab_v3.py", recipe=_recipe(), default_space=SPACE))
+    recipe = job_recipe(Path(__file__).with_name("train_deeplab_v3.py"))
+    sys.exit(sweep_main(prog="jobs/sweep_deeplab_v3.py", recipe=recipe, default_space=SPACE))

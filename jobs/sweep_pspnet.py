@@ -18,7 +18,6 @@ Usage:
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segplatform.train.cli_args import job_recipe
 from segplatform.tune.cli import sweep_main
 
 SPACE = {
@@ -39,14 +39,6 @@ SPACE = {
 }
 
 
-def _recipe():
-    """The training job's recipe (jobs/train_pspnet.py), which every trial starts from."""
-    path = Path(__file__).resolve().with_name("train_pspnet.py")
-    spec = importlib.util.spec_from_file_location("train_pspnet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RECIPE
-
-
 if __name__ == "__main__":
-    sys.exit(sweep_main(prog="jobs/sweep_pspnet.py", recipe=_recipe(), default_space=SPACE))
+    recipe = job_recipe(Path(__file__).with_name("train_pspnet.py"))
+    sys.exit(sweep_main(prog="jobs/sweep_pspnet.py", recipe=recipe, default_space=SPACE))

@@ -125,7 +125,8 @@ def _slide_probs(
 # Architectures whose inference is slower with channels-last (NHWC) weights, by device type:
 # PSPNet R-50 on 2 CPU cores 0.95-0.99x at 256x256 and on an H200 3.4x slower at 1024x2048
 # (the layout conversions around its pyramid pooling); ICNet on the H200 fp32 1.1x slower.
-# Every other semantic network ran 1.0-1.3x faster on the CPU (BENCHMARKS.md, P4).
+# Every other semantic network ran 1.0-1.3x faster on the CPU in a one-off loop over the paper
+# configurations at 256x256 (BENCHMARKS.md, P4 notes; the P4 rows time U-Net and DeepLab v3).
 CHANNELS_LAST_SLOWER: dict[str, frozenset[str]] = {
     "cpu": frozenset({"pspnet"}),
     "cuda": frozenset({"pspnet", "icnet"}),
@@ -139,10 +140,10 @@ def inference_memory_format(architecture: str, device: str | torch.device) -> to
     Convolutions take the layout of their weights, so NCHW images need no conversion; the
     numbers only change by float reordering (labels agreed on every pixel of every model).
     """
-    kind = torch.device(device).type
-    if architecture == "mask_rcnn" or architecture in CHANNELS_LAST_SLOWER.get(kind, {""}):
+    slower = CHANNELS_LAST_SLOWER.get(torch.device(device).type)  # None: a device not measured
+    if slower is None or architecture in slower or architecture == "mask_rcnn":
         return torch.contiguous_format
-    return torch.channels_last if kind in CHANNELS_LAST_SLOWER else torch.contiguous_format
+    return torch.channels_last
 
 
 @torch.inference_mode()

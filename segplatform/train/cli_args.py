@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from segplatform.train.config import TrainConfig
@@ -43,6 +45,7 @@ __all__ = [
     "config_from_args",
     "from_scratch",
     "job_main",
+    "job_recipe",
     "run_from_args",
     "scaled_lr",
 ]
@@ -614,6 +617,21 @@ def run_from_args(config: TrainConfig) -> int:
     if "val_miou" in metrics:
         print(f"final val mIoU: {metrics['val_miou']:.4f}")
     return 0
+
+
+def job_recipe(path: str | os.PathLike[str]) -> JobRecipe:
+    """The ``RECIPE`` of the job script at ``path`` (``jobs/train_<arch>.py``), which the script's
+    ``__main__`` guard keeps from running: how a sweep job starts its trials from a training
+    job's recipe."""
+    import importlib.util
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"job_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path}: not a job script")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RECIPE
 
 
 def job_main(recipe: JobRecipe, argv: Sequence[str] | None = None) -> int:
