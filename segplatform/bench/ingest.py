@@ -5,8 +5,9 @@ random crops with flips, ``TrainTransform``), batch 8, and a consumer that does 
 them, so the figure is the pipeline's own rate:
 
 - **service**: ``segplatform.train.batches.TrainBatches`` exactly as a training worker uses it
-  (rows in Ray's object store, ``loader_tasks=2`` Ray tasks of 0.5 CPU in flight, per-sample
-  seeds), on a local Ray started as ``segplatform.train.run`` starts one for 1 worker.
+  (rows in Ray's object store, ``loader_tasks=2`` Ray tasks of 0.5 CPU in flight, each decoding
+  ``TASK_SAMPLES`` samples, per-sample seeds), on a local Ray started as
+  ``segplatform.train.run`` starts one for 1 worker.
 - **dataloader**: ``torch.utils.data.DataLoader`` with 2 worker processes over a map-style
   dataset of the same rows (``segplatform.bench.learn.ParquetRows``), shuffled.
 
@@ -37,8 +38,8 @@ class IngestSettings:
     crop: int = 128
     batch: int = 8
     in_channels: int = 1
-    warmup_batches: int = 4
-    batches: int = 40  # timed batches
+    warmup_batches: int = 16
+    batches: int = 200  # timed batches (about 2 s: shorter windows measure the ramp-up)
     workers: int = 2  # DataLoader processes; Ray tasks in flight
     seed: int = 0
 
@@ -134,7 +135,10 @@ def _ray_processes() -> tuple[list[int], list[int]]:
             cmdline = " ".join(child.cmdline())
         except psutil.Error:
             continue
-        (workers if cmdline.startswith("ray::") else daemons).append(child.pid)
+        # Task executors are "ray::IDLE" or "ray::<task>"; the per-node agents (dashboard,
+        # runtime environments) are "ray::...Agent" and belong with the daemons.
+        executor = cmdline.startswith("ray::") and not cmdline.split()[0].endswith("Agent")
+        (workers if executor else daemons).append(child.pid)
     return workers, daemons
 
 
@@ -205,6 +209,7 @@ def p2(ctx: Any) -> Any:
 
     from segplatform.bench.common import Comparison, Section, ratios, run_child
     from segplatform.bench.step import measure_step
+    from segplatform.train.batches import TASK_SAMPLES
 
     if ctx.quick:
         settings = IngestSettings(data=ctx.data, crop=64, warmup_batches=1, batches=3)
@@ -247,7 +252,10 @@ def p2(ctx: Any) -> Any:
             Comparison(
                 id="P2",
                 name="ingest throughput",
-                ours="TrainBatches: Ray tasks (2 in flight, 0.5 CPU), object-store rows",
+                ours=(
+                    f"TrainBatches: Ray tasks (2 in flight, 0.5 CPU, {TASK_SAMPLES} samples "
+                    "each), object-store rows"
+                ),
                 against="torch DataLoader, 2 worker processes, same rows and transforms",
                 quantity="samples/s, service / DataLoader",
                 values=ratios(service, loader),

@@ -17,10 +17,15 @@ the total batch, and a resumed run continues with exactly the batch that came ne
 generator seeded by ``(seed, epoch, index)``: the same whichever worker, task or process decodes
 it, and after a resume.
 
-**Decoding.** ``TrainBatches`` keeps ``loader_tasks`` micro-batches in flight as Ray tasks of
-``loader_task_cpus`` CPUs each (on the worker's node where it has room), so PNG/JPEG decoding and
-augmentation run outside the training process and its GIL; ``loader_tasks=0`` decodes inline.
-Both call ``make_train_batch``: they give identical batches.
+**Decoding.** ``TrainBatches`` keeps ``loader_tasks`` Ray tasks of ``loader_task_cpus`` CPUs
+each in flight (on the worker's node where it has room), so PNG/JPEG decoding and augmentation run
+outside the training process and its GIL; ``loader_tasks=0`` decodes inline. Both call
+``make_train_batch``: they give identical batches. A task decodes several consecutive
+micro-batches (``TASK_SAMPLES`` samples, in whole micro-batches; the first tasks of a stream take
+1, 2, 4, ... so the first batch comes quickly): submitting a task, resolving its table references
+and storing its result cost about as much as decoding 8 small samples, and that cost is paid per
+task. Integer maps travel narrowed (masks as uint8 where their values fit) and are widened to
+int64 in the consumer.
 
 **Validation.** Worker ``r`` of ``W`` scores the rows whose index ``i`` has ``i mod W == r``
 (``eval_indices``): every row exactly once, whatever the worker count.
@@ -64,6 +69,7 @@ __all__ = [
 ]
 
 COLUMNS = ("id", "image", "mask", "instances")
+TASK_SAMPLES = 32  # samples one decoding task decodes (rounded up to whole micro-batches)
 
 
 # ---- rows -----------------------------------------------------------------------------------
@@ -292,22 +298,45 @@ def make_train_batch(
     return batch
 
 
+def _narrow(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Integer maps in the smallest integer type that holds their values (``to_tensors`` widens
+    them back), so a task's result is smaller to store and to read."""
+    out = {}
+    for key, array in batch.items():
+        if array.dtype.kind in "iu" and array.size:
+            low, high = int(array.min()), int(array.max())
+            for dtype in (np.uint8, np.int16, np.int32):
+                info = np.iinfo(dtype)
+                if info.min <= low and high <= info.max:
+                    array = array.astype(dtype)
+                    break
+        out[key] = array
+    return out
+
+
 def _decode_task(
     spec: BatchSpec,
-    picks: list[tuple[int, int]],
-    indices: list[int],
-    epoch: int,
+    work: list[tuple[list[tuple[int, int]], list[int], int]],
     *tables: pa.Table,
-) -> dict[str, np.ndarray]:
-    """Ray task body: ``make_train_batch`` over the tables passed (resolved by Ray)."""
-    return make_train_batch(tables, picks, indices, epoch, spec)
+) -> list[dict[str, np.ndarray]]:
+    """Ray task body: ``make_train_batch`` for each ``(picks, indices, epoch)`` of ``work`` over
+    the tables passed (resolved by Ray)."""
+    return [
+        _narrow(make_train_batch(tables, picks, indices, epoch, spec))
+        for picks, indices, epoch in work
+    ]
 
 
 def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Tensor]:
-    """A decoded batch on ``device`` (pinned host memory and asynchronous copies on CUDA)."""
+    """A decoded batch on ``device`` (pinned host memory and asynchronous copies on CUDA);
+    integer maps as int64."""
     out = {}
     for key, array in batch.items():
-        tensor = torch.from_numpy(np.array(array, copy=True))  # task results are read-only
+        if array.dtype.kind in "iu":
+            array = array.astype(np.int64)  # a copy: task results are read-only
+        else:
+            array = np.array(array, copy=True)
+        tensor = torch.from_numpy(array)
         if device.type == "cuda":
             tensor = tensor.pin_memory().to(device, non_blocking=True)
         out[key] = tensor
@@ -329,6 +358,7 @@ class TrainBatches:
         tasks: int = 2,
         task_cpus: float = 0.5,
         node_id: str | None = None,
+        task_samples: int = TASK_SAMPLES,
     ) -> None:
         self.rows, self.spec = rows, spec
         self.batch_size, self.grad_accum = batch_size, grad_accum
@@ -337,6 +367,7 @@ class TrainBatches:
         if self.iters_per_epoch < 1:
             raise ValueError(f"{rows.source}: {rows.rows} rows, fewer than one iteration")
         self.tasks, self.task_cpus, self.node_id = tasks, task_cpus, node_id
+        self.task_samples = task_samples
         self._tables: list[pa.Table] | None = None  # inline decoding reads them once
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
 
@@ -367,17 +398,23 @@ class TrainBatches:
                 yield step, epoch, micro, indices
             step += 1
 
-    def _submit(self, epoch: int, indices: np.ndarray) -> Any:
+    def _decode_inline(self, epoch: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+        if self._tables is None:
+            self._tables = self.rows.tables()
         located = [self.rows.locate(int(i)) for i in indices]
-        if self.tasks == 0:
-            if self._tables is None:
-                self._tables = self.rows.tables()
-            return make_train_batch(self._tables, located, indices.tolist(), epoch, self.spec)
-        used = sorted({table for table, _ in located})
+        return make_train_batch(self._tables, located, indices.tolist(), epoch, self.spec)
+
+    def _submit(self, work: list[tuple[int, np.ndarray]]) -> Any:
+        """One Ray task decoding the ``(epoch, indices)`` micro-batches of ``work``."""
+        located = [[self.rows.locate(int(i)) for i in indices] for _, indices in work]
+        used = sorted({table for picks in located for table, _ in picks})
         remap = {table: position for position, table in enumerate(used)}
-        picks = [(remap[table], row) for table, row in located]
+        payload = [
+            ([(remap[table], row) for table, row in picks], indices.tolist(), epoch)
+            for picks, (epoch, indices) in zip(located, work)
+        ]
         return _remote(self.task_cpus, self.node_id).remote(
-            self.spec, picks, indices.tolist(), epoch, *(self.rows.refs[t] for t in used)
+            self.spec, payload, *(self.rows.refs[t] for t in used)
         )
 
     def __call__(
@@ -386,21 +423,42 @@ class TrainBatches:
         """Yield ``(step, epoch, micro, batch)`` from ``start_step`` on."""
         import ray
 
-        pending: deque[tuple[int, int, int, Any]] = deque()
         requests = self._requests(start_step)
-        depth = max(self.tasks, 1)
+        if self.tasks == 0:
+            for step, epoch, micro, indices in requests:
+                yield step, epoch, micro, to_tensors(self._decode_inline(epoch, indices), device)
+            return
+        full = max(1, -(-self.task_samples // self.batch_size))  # micro-batches per task
+        size = 1
+        pending: deque[tuple[list[tuple[int, int, int]], Any]] = deque()
+
+        def submit() -> None:
+            nonlocal size
+            keys, work = [], []
+            for _ in range(size):
+                step, epoch, micro, indices = next(requests)
+                keys.append((step, epoch, micro))
+                work.append((epoch, indices))
+            pending.append((keys, self._submit(work)))
+            size = min(2 * size, full)
+
         try:
             while True:
-                while len(pending) < depth:
-                    step, epoch, micro, indices = next(requests)
-                    pending.append((step, epoch, micro, self._submit(epoch, indices)))
-                step, epoch, micro, handle = pending.popleft()
-                batch = handle if self.tasks == 0 else ray.get(handle)
-                yield step, epoch, micro, to_tensors(batch, device)
+                while len(pending) < self.tasks:
+                    submit()
+                keys, handle = pending.popleft()
+                decoded = ray.get(handle)
+                for position, ((step, epoch, micro), batch) in enumerate(zip(keys, decoded)):
+                    yield step, epoch, micro, to_tensors(batch, device)
+                    if position == 0:
+                        # The next task goes in once the consumer is back for more, not as soon
+                        # as this one ends: the ended task's worker has by then returned its
+                        # lease, so Ray reuses a process that is already warm instead of
+                        # starting a decoding process more (seconds of imports, ~800 MB).
+                        submit()
         finally:
-            if self.tasks:
-                for *_, handle in pending:
-                    ray.cancel(handle)
+            for _, handle in pending:
+                ray.cancel(handle)
 
 
 @functools.lru_cache(maxsize=4)

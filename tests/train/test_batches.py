@@ -75,9 +75,18 @@ def test_tasks_and_inline_decoding_give_identical_batches_and_resume_continues(
     rows = load_split(shapes_dataset, "train", expected_rows=16)
     device = torch.device("cpu")
 
-    def take(tasks: int, start: int, count: int) -> list[tuple[int, int, dict]]:
+    def take(
+        tasks: int, start: int, count: int, task_samples: int = 32
+    ) -> list[tuple[int, int, dict]]:
         loader = TrainBatches(
-            rows, SPEC, batch_size=2, grad_accum=1, world_size=2, rank=1, tasks=tasks
+            rows,
+            SPEC,
+            batch_size=2,
+            grad_accum=1,
+            world_size=2,
+            rank=1,
+            tasks=tasks,
+            task_samples=task_samples,
         )
         out = []
         for step, epoch, _, batch in loader(start, device):
@@ -87,9 +96,16 @@ def test_tasks_and_inline_decoding_give_identical_batches_and_resume_continues(
         raise AssertionError("unreachable")
 
     inline = take(0, 0, 6)
-    remote = take(2, 0, 6)
+    remote = take(2, 0, 6)  # tasks of 1, 2, then 4 micro-batches (masks shipped as uint8)
+    single = take(1, 0, 6, task_samples=1)  # one micro-batch per task
     assert [(s, e) for s, e, _ in inline] == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 1), (5, 1)]
-    for (_, _, a), (_, _, b) in zip(inline, remote):
+    assert (
+        [(s, e) for s, e, _ in remote]
+        == [(s, e) for s, e, _ in single]
+        == [(s, e) for s, e, _ in inline]
+    )
+    for (_, _, a), (_, _, b), (_, _, c) in zip(inline, remote, single):
+        assert torch.equal(b["image"], c["image"]) and torch.equal(b["mask"], c["mask"])
         assert a.keys() == b.keys() == {"image", "mask"}
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
         assert a["image"].shape == (2, 3, 32, 32) and a["mask"].dtype == torch.int64
