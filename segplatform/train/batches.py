@@ -21,11 +21,12 @@ it, and after a resume.
 each in flight (on the worker's node where it has room), so PNG/JPEG decoding and augmentation run
 outside the training process and its GIL; ``loader_tasks=0`` decodes inline. Both call
 ``make_train_batch``: they give identical batches. A task decodes several consecutive
-micro-batches (``TASK_SAMPLES`` samples, in whole micro-batches; the first tasks of a stream take
-1, 2, 4, ... so the first batch comes quickly): submitting a task, resolving its table references
-and storing its result cost about as much as decoding 8 small samples, and that cost is paid per
-task. Integer maps travel narrowed (masks as uint8 where their values fit) and are widened to
-int64 in the consumer.
+micro-batches (up to ``TASK_SAMPLES`` samples and ``TASK_PIXELS`` crop pixels, in whole
+micro-batches; the first tasks of a stream take 1, 2, 4, ... so the first batch comes quickly):
+submitting a task, resolving its table references and storing its result cost about as much as
+decoding 8 small samples, and that cost is paid per task. Nothing past the run's last step is
+decoded. Integer maps travel narrowed (masks as uint8 where their values fit) and are widened
+to int64 in the consumer.
 
 **Validation.** Worker ``r`` of ``W`` scores the rows whose index ``i`` has ``i mod W == r``
 (``eval_indices``): every row exactly once, whatever the worker count.
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -69,7 +71,8 @@ __all__ = [
 ]
 
 COLUMNS = ("id", "image", "mask", "instances")
-TASK_SAMPLES = 32  # samples one decoding task decodes (rounded up to whole micro-batches)
+TASK_SAMPLES = 32  # samples one decoding task decodes at most (in whole micro-batches) ...
+TASK_PIXELS = 32 * 128 * 128  # ... and pixels: big crops decode slowly enough to go one at a time
 
 
 # ---- rows -----------------------------------------------------------------------------------
@@ -380,9 +383,11 @@ class TrainBatches:
             self._epoch_order = (epoch, epoch_order(self.rows.rows, self.spec.seed, epoch))
         return self._epoch_order[1]
 
-    def _requests(self, start_step: int) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    def _requests(
+        self, start_step: int, stop_step: int | None
+    ) -> Iterator[tuple[int, int, int, np.ndarray]]:
         step = start_step
-        while True:
+        while stop_step is None or step < stop_step:
             epoch, iteration = self.position(step)
             order = self._order(epoch)
             for micro in range(self.grad_accum):
@@ -418,34 +423,37 @@ class TrainBatches:
         )
 
     def __call__(
-        self, start_step: int, device: torch.device
+        self, start_step: int, device: torch.device, stop_step: int | None = None
     ) -> Iterator[tuple[int, int, int, dict[str, Tensor]]]:
-        """Yield ``(step, epoch, micro, batch)`` from ``start_step`` on."""
+        """Yield ``(step, epoch, micro, batch)`` from ``start_step`` up to ``stop_step``
+        (excluded; None: forever). Nothing past ``stop_step`` is decoded."""
         import ray
 
-        requests = self._requests(start_step)
+        requests = self._requests(start_step, stop_step)
         if self.tasks == 0:
             for step, epoch, micro, indices in requests:
                 yield step, epoch, micro, to_tensors(self._decode_inline(epoch, indices), device)
             return
-        full = max(1, -(-self.task_samples // self.batch_size))  # micro-batches per task
+        crop_pixels = self.spec.crop_size[0] * self.spec.crop_size[1]
+        samples = min(self.task_samples, max(1, TASK_PIXELS // crop_pixels))
+        full = max(1, -(-samples // self.batch_size))  # micro-batches per task
         size = 1
         pending: deque[tuple[list[tuple[int, int, int]], Any]] = deque()
 
         def submit() -> None:
             nonlocal size
             keys, work = [], []
-            for _ in range(size):
-                step, epoch, micro, indices = next(requests)
+            for step, epoch, micro, indices in itertools.islice(requests, size):
                 keys.append((step, epoch, micro))
                 work.append((epoch, indices))
-            pending.append((keys, self._submit(work)))
+            if work:
+                pending.append((keys, self._submit(work)))
             size = min(2 * size, full)
 
         try:
-            while True:
-                while len(pending) < self.tasks:
-                    submit()
+            for _ in range(self.tasks):
+                submit()
+            while pending:
                 keys, handle = pending.popleft()
                 decoded = ray.get(handle)
                 for position, ((step, epoch, micro), batch) in enumerate(zip(keys, decoded)):

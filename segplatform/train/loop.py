@@ -463,7 +463,7 @@ class Worker:
         if self.resume_error:
             raise StopRun("resume mismatch", self.resume_error)
         accum = cfg.grad_accum
-        loader = self.batches(state.step, self.device)
+        loader = self.batches(state.step, self.device, stop_step=plan.max_iters)
         self.model.train()
         running: dict[str, float] = {}
         running_count = 0

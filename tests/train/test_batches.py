@@ -112,6 +112,11 @@ def test_tasks_and_inline_decoding_give_identical_batches_and_resume_continues(
     resumed = take(2, 4, 2)  # a worker restarted at step 4 gets steps 4 and 5 again
     for (_, _, a), (_, _, b) in zip(inline[4:], resumed):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    # A run that ends at step 5 gets steps 3 and 4 and then the end, nothing decoded past it.
+    ending = TrainBatches(rows, SPEC, batch_size=2, grad_accum=1, world_size=2, rank=1, tasks=2)
+    tail = list(ending(3, device, stop_step=5))
+    assert [step for step, *_ in tail] == [3, 4]
+    assert torch.equal(tail[1][3]["image"], inline[4][2]["image"])
     # Augmentation is random: two epochs never show a row the same way.
     assert not torch.equal(inline[0][2]["image"], inline[4][2]["image"])
 
