@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +19,7 @@ import torch
 import architectures
 
 JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
+RAY_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")  # a line Ray forwards from an actor
 
 
 def _load(path: Path) -> ModuleType:
@@ -108,7 +110,11 @@ def test_a_run_the_dataset_cannot_serve_is_refused_before_ray_starts(
     argv += ["--tiny", "--workers", "0", "--storage", str(tmp_path / "runs"), "--name", "refused"]
     was_running = ray.is_initialized()
     assert module.job_main(module.RECIPE, argv) == 2
-    err = capsys.readouterr().err
+    # The session's Ray cluster forwards its actors' log lines ("(Name pid=N) ...") to this
+    # process's stderr at any moment; the job's own output is the rest.
+    err = "\n".join(
+        line for line in capsys.readouterr().err.splitlines() if not RAY_FORWARDED.match(line)
+    )
     assert err.startswith("error: run refused refused: ") and message in err, err
     assert ray.is_initialized() == was_running  # no Ray cluster was started for it
     assert not (tmp_path / "runs").exists()
