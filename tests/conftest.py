@@ -1,5 +1,14 @@
-"""Fixtures shared by all tests: a real S3 server and small synthetic datasets.
+"""Fixtures shared by all tests: the session's Ray clusters, a real S3 server and small synthetic
+datasets.
 
+- Ray clusters (``tests.platform_support.RayClusters``), at most one running at a time:
+  ``ray_cluster`` (the in-process ``ray.init(address="local", num_cpus=4)``),
+  ``single_node_platform`` and ``two_node_platform`` (``segplatform local up``, shared by every
+  module that needs one), ``no_ray_cluster`` (none: for a test whose code starts Ray itself or
+  must show that it never started it). The tests run grouped by the cluster they use (no
+  cluster first, then the in-process cluster, the single-node platform, the two-node platform;
+  within a group, modules marked ``ends_platform`` last, in file order), so each cluster starts
+  once.
 - ``s3_server``: a SeaweedFS S3 server on a free loopback port for the whole session, with random
   credentials that it enforces and one bucket ``test``. Use ``s3_server.storage_options()`` or
   ``s3_server.env()``; give each test its own prefix (``s3_prefix`` does).
@@ -22,8 +31,74 @@ from PIL import Image
 
 from segplatform.data.format import DatasetInfo, DatasetWriter, Sample, default_palette
 from segplatform.services.seaweed import SeaweedServer
+from tests.platform_support import RayClusters, RunningPlatform
 
 S3_BUCKET = "test"
+
+# ---- Ray clusters -------------------------------------------------------------------------------
+
+# Fixture -> the group of the tests that use it (the order in which groups run).
+CLUSTER_GROUPS = {
+    "no_ray_cluster": 0,
+    "ray_cluster": 1,
+    "single_node_platform": 2,
+    "two_node_platform": 3,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "ends_platform: runs after the other modules on its platform (it stops it)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group the tests by the Ray cluster they use (module docstring); stable within a group."""
+
+    def group(item: pytest.Item) -> tuple[int, int]:
+        names = getattr(item, "fixturenames", ())
+        cluster = max((CLUSTER_GROUPS[n] for n in names if n in CLUSTER_GROUPS), default=0)
+        return cluster, int(item.get_closest_marker("ends_platform") is not None)
+
+    items.sort(key=group)
+
+
+@pytest.fixture(scope="session")
+def ray_clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayClusters]:
+    clusters = RayClusters(tmp_path_factory)
+    try:
+        yield clusters
+    finally:
+        clusters.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_clusters: RayClusters) -> None:
+    """The in-process Ray cluster: 4 logical CPUs on 2 cores (two 0.5-CPU Ray Train workers
+    leave Ray Data and the decoding tasks room)."""
+    ray_clusters.use("in-process")
+
+
+@pytest.fixture(scope="module")
+def single_node_platform(ray_clusters: RayClusters) -> RunningPlatform:
+    """``segplatform local up --num-cpus 4``: Ray head (token auth), MLflow, S3 on 127.0.0.1."""
+    platform = ray_clusters.use("single-node")
+    assert platform is not None
+    return platform
+
+
+@pytest.fixture(scope="module")
+def two_node_platform(ray_clusters: RayClusters) -> RunningPlatform:
+    """``segplatform local up --nodes 2 --num-cpus 1``: a head and node-1, one CPU each."""
+    platform = ray_clusters.use("two-node")
+    assert platform is not None
+    return platform
+
+
+@pytest.fixture
+def no_ray_cluster(ray_clusters: RayClusters) -> None:
+    """No Ray cluster runs (and none is connected to this process)."""
+    ray_clusters.use(None)
 
 
 @pytest.fixture(scope="session")

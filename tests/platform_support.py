@@ -9,7 +9,6 @@ imports ``tests`` as a package of the rootdir).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -221,35 +220,76 @@ def wait_for(
     raise AssertionError(message)
 
 
-_FRESH_PROCESS = "SEGPLATFORM_TEST_FRESH_PROCESS"
+# ---- the session's Ray clusters -------------------------------------------------------------
+
+# The local platforms the tests share (``segplatform local up`` options). One logical CPU per
+# node on the two-node platform, so that STRICT_SPREAD needs both nodes; four on the single
+# node: two 0.5-CPU workers (or two one-worker trials) with CPU left for decoding.
+PLATFORMS: dict[str, list[str]] = {
+    "single-node": ["--num-cpus", "4"],
+    "two-node": ["--nodes", "2", "--num-cpus", "1", "--timeout", "400"],
+}
+# Ray Train's controller polls its workers every 2 s by default, and every report and checkpoint
+# commit waits for a poll; the in-process test cluster polls every 0.5 s (what it changes is only
+# how long those waits last).
+TEST_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def without_ray_in_process(test: Callable[..., Any]) -> Callable[..., Any]:
-    """For a test asserting that something refused its input before starting Ray: such a test
-    needs a process where Ray is not running. When another module's session cluster is up in this
-    one, the test runs again in a fresh interpreter (``python -m pytest NODEID``) and its outcome
-    there is its outcome here."""
+class RayClusters:
+    """The Ray clusters of one test session, at most one running at any time: the in-process
+    cluster (``ray.init(address="local", num_cpus=4)``) or one of the ``PLATFORMS``.
 
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    ``use(kind)`` stops whatever else runs and starts ``kind`` unless it is up already (a
+    platform that a test brought down with ``local down`` is started afresh); ``use(None)``
+    leaves no cluster running. Stopping a platform checks that ``local down`` left none of its
+    processes or ports behind. ``tests/conftest.py`` orders the tests by the cluster they use,
+    so each cluster starts once per session.
+    """
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.factory = tmp_path_factory
+        self.active: str | None = None
+        self.platform: RunningPlatform | None = None
+        self._platform_context: contextlib.AbstractContextManager[RunningPlatform] | None = None
+
+    def use(self, kind: str | None) -> RunningPlatform | None:
         import ray
 
-        if not ray.is_initialized() or os.environ.get(_FRESH_PROCESS):
-            return test(*args, **kwargs)
-        nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
-        env = {key: value for key, value in os.environ.items() if key != "PYTEST_CURRENT_TEST"}
-        env[_FRESH_PROCESS] = "1"
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid],
-            cwd=Path(__file__).resolve().parent.parent,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, (
-            f"{nodeid} in a fresh process:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
-        )
-        return None
+        if kind in PLATFORMS and self.active == kind and self.platform is not None:
+            if (self.platform.state_dir / "state.json").exists():
+                return self.platform
+        elif (kind == "in-process" and self.active == kind and ray.is_initialized()) or (
+            kind is None and self.active is None and not ray.is_initialized()
+        ):
+            return None
+        self.stop()
+        if kind == "in-process":
+            os.environ.update(TEST_RAY_ENV)
+            os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+        elif kind in PLATFORMS:
+            context = platform_up(self.factory, kind, PLATFORMS[kind], timeout=450)
+            self.platform = context.__enter__()
+            self._platform_context = context
+        elif kind is not None:
+            raise ValueError(f"unknown Ray cluster {kind!r}")
+        self.active = kind
+        return self.platform
 
-    return wrapper
+    def stop(self) -> None:
+        """Stop the running cluster; a platform must leave nothing behind."""
+        import ray
+
+        if ray.is_initialized():  # ours, or one that a test's code started in this process
+            ray.shutdown()
+        platform, context = self.platform, self._platform_context
+        self.platform = self._platform_context = None
+        self.active = None
+        if context is None or platform is None:
+            return
+        marker_prefix = f"{platform.state['instance_id']}/"
+        context.__exit__(None, None, None)  # local down (a no-op after a test's own)
+        left = leftover_processes(marker_prefix=marker_prefix)
+        left += leftover_processes(paths=(platform.state_dir,))
+        assert not left, f"local down left processes of {platform.state_dir}:\n" + "\n".join(left)
+        assert open_ports(service_ports(platform.state)) == [], "local down left ports open"

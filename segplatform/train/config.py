@@ -138,6 +138,7 @@ class TrainConfig:
     # ---- fault injection (tests only) ----------------------------------------------------------
     fail_at_step: int | None = None  # TEST KNOB: worker fail_rank exits at this iteration, once
     fail_rank: int = 0  # TEST KNOB: the rank that exits (first attempt only, marker in storage)
+    pause_at_step: int | None = None  # TEST KNOB: hold the run after this step until released, once
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -307,6 +308,7 @@ class TrainConfig:
         positive_int("fail_rank", minimum=0)
         if self.fail_rank >= max(self.num_workers, 1):
             fail("fail_rank", f"must be below num_workers ({self.num_workers})")
+        positive_int("pause_at_step", allow_none=True)
         try:
             self.inference_recipe()
         except (TypeError, ValueError) as err:

@@ -51,6 +51,15 @@ Ray Train's own INFO log of every report is raised to WARNING (``quiet_ray_repor
 Fault injection (tests only): ``fail_at_step`` makes rank ``fail_rank`` call ``os._exit(1)`` when
 it reaches that iteration, once per run: a marker file in the run's storage directory says that
 the fault already happened.
+
+Holding a run (tests only): with ``pause_at_step``, rank 0 finishes that step (its evaluation and
+checkpoint included, committed), writes ``.paused-at-step<N>`` into the run's storage directory
+(JSON: step, attempt, and every worker's node id and pid) and waits until ``.release-step<N>``
+appears there; the other ranks wait for it in the next step's first collective. A test that
+interrupts a run (kills its driver, a worker, a node, the storage server) waits for that marker,
+an event the run signals, instead of guessing from time or progress, and knows that the run is
+past that step and not yet beyond it. Once per run: a resumed run that finds the marker does not
+hold again. ``pause_marker`` reads the marker and ``release_pause`` writes the release file.
 """
 
 from __future__ import annotations
@@ -97,6 +106,9 @@ from segplatform.train.state import (
 logger = logging.getLogger(__name__)
 
 FAULT_MARKER = ".fault-injected-rank{rank}"
+PAUSE_MARKER = ".paused-at-step{step}"
+RELEASE_MARKER = ".release-step{step}"
+PAUSE_POLL_S = 0.2  # how often a held run looks for its release file
 FAILURE_FILE = "failure.json"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMMIT_TIMEOUT_S = 120.0  # how long rank 0 waits for Ray Train to commit a checkpoint
@@ -131,10 +143,18 @@ def run_file(plan: Plan, name: str, storage_options: dict[str, Any] | None) -> t
 def write_run_file(
     plan: Plan, name: str, text: str, storage_options: dict[str, Any] | None
 ) -> None:
+    """Write a file into the run's storage directory, whole or not at all for a reader (an S3
+    PUT is; a local file is written aside and renamed)."""
+    import pyarrow.fs as pafs
+
     fs, path = run_file(plan, name, storage_options)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = f"{path}.{uuid.uuid4().hex[:8]}.tmp" if local else path
+    with fs.open_output_stream(target) as stream:
         stream.write(text.encode())
+    if local:
+        fs.move(target, path)
 
 
 def maybe_inject_fault(
@@ -152,6 +172,60 @@ def maybe_inject_fault(
     write_run_file(plan, marker, f"fault injected at step {step}\n", storage)
     logger.warning("fault injection: rank %d exits at step %d", rank, step)
     os._exit(1)
+
+
+def maybe_pause(
+    cfg: TrainConfig,
+    plan: Plan,
+    rank: int,
+    step: int,
+    storage: dict[str, Any] | None,
+    workers: list[dict[str, Any]],
+    attempt: int,
+) -> None:
+    """TEST KNOB: rank 0 holds the run after ``cfg.pause_at_step`` until released, once per run
+    (module docstring)."""
+    if cfg.pause_at_step is None or step != cfg.pause_at_step or rank != 0:
+        return
+    import pyarrow.fs as pafs
+
+    fs, marker = run_file(plan, PAUSE_MARKER.format(step=step), storage)
+    if fs.get_file_info(marker).type != pafs.FileType.NotFound:
+        return  # held once already (this is a resumed run)
+    record = {"step": step, "attempt": attempt, "workers": workers}
+    write_run_file(plan, PAUSE_MARKER.format(step=step), json.dumps(record), storage)
+    say(f"{cfg.name} held after step {step} (pause_at_step) until released")
+    _, release = run_file(plan, RELEASE_MARKER.format(step=step), storage)
+    while fs.get_file_info(release).type == pafs.FileType.NotFound:
+        time.sleep(PAUSE_POLL_S)
+    say(f"{cfg.name} released at step {step}")
+
+
+def pause_marker(
+    run_uri: str, step: int, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The marker a run held by ``pause_at_step`` wrote at ``step`` (``maybe_pause``), or None
+    while there is none. ``run_uri``: the run's directory (``<storage_path>/<name>``)."""
+    import pyarrow.fs as pafs
+
+    from segplatform.data import io as dio
+
+    fs, root = dio.resolve(run_uri, storage_options)
+    path = dio.join(root, PAUSE_MARKER.format(step=step))
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode())
+
+
+def release_pause(run_uri: str, step: int, storage_options: dict[str, Any] | None = None) -> None:
+    """Let a run held at ``step`` by ``pause_at_step`` go on."""
+    from segplatform.data import io as dio
+
+    fs, root = dio.resolve(run_uri, storage_options)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(dio.join(root, RELEASE_MARKER.format(step=step))) as stream:
+        stream.write(b"released\n")
 
 
 def _persist(directory: Path, plan: Plan, dir_name: str, storage: dict[str, Any] | None) -> Any:
@@ -542,6 +616,7 @@ class Worker:
                     last_report = time.monotonic()
             if self.rank == 0 and ("loss" in metrics or "val_miou" in metrics):
                 say(progress_line(cfg.name, plan.max_iters, metrics))
+            maybe_pause(cfg, plan, self.rank, state.step, self.storage, self.workers, state.attempt)
         self.tracker.finish("FINISHED")
 
     def _progress(self) -> dict[str, Any]:

@@ -27,17 +27,6 @@ from segplatform.data import (
 from segplatform.data.convert.folder import convert_folder
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def read_bytes(path: str, options: dict) -> bytes:
     """The content of the S3 object at ``path`` (``bucket/key``)."""
     fs, _ = resolve(f"s3://{path}", options)
@@ -130,7 +119,7 @@ def test_overwrite_on_s3(s3_server, s3_prefix, tiny_dataset) -> None:
 
 
 def test_read_ray_dataset_local_and_s3(
-    tmp_path: Path, ray_local, s3_server, s3_prefix, tiny_dataset, make_sample
+    tmp_path: Path, ray_cluster, s3_server, s3_prefix, tiny_dataset, make_sample
 ) -> None:
     options = s3_server.storage_options()
     for uri, opts in ((str(tmp_path / "ds"), None), (f"{s3_prefix}/ray", options)):

@@ -1,7 +1,6 @@
 """Fixtures of the training tests: one local Ray cluster and small learnable datasets.
 
-- ``ray_cluster``: ``ray.init(address="local", num_cpus=4)`` for the whole session (4 logical
-  CPUs on 2 cores: two 0.5-CPU workers leave Ray Data room), shut down at the end.
+- ``ray_cluster`` (``tests/conftest.py``): the in-process Ray cluster the training tests share.
 - ``shapes_dataset``: 48×48 RGB images with a red square (class 1) and a green bar (class 2) on
   dark noise (class 0), a few ignored pixels; 16 train / 4 val rows. Colour decides the class, so
   a tiny network learns it in a few iterations.
@@ -69,18 +68,6 @@ def write_shapes(
             split = "train" if index < train else "val"
             writer.add(split, shapes_sample(index, with_instances=with_instances))
         return writer.close()
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -3,27 +3,12 @@ does), with its own step counter; Ray Train local mode keeps it to seconds."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from segplatform.train import TrainConfig, run
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    import ray
-
-    if ray.is_initialized():  # another module's cluster
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
@@ -33,7 +18,7 @@ def weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
 
 
 def test_new_run_starts_from_the_given_checkpoint(
-    local_ray: None, tmp_path: Path, tiny_dataset
+    ray_cluster: None, tmp_path: Path, tiny_dataset
 ) -> None:
     import architectures
     from segplatform.train.run import best_checkpoint

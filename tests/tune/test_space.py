@@ -14,7 +14,6 @@ import pytest
 from segplatform.train import TrainConfig
 from segplatform.tune.presets import PRESETS
 from segplatform.tune.space import SpaceError, load_space
-from tests.platform_support import without_ray_in_process
 
 
 def base(arch: str, **fields: object) -> TrainConfig:
@@ -137,9 +136,8 @@ def test_unknown_preset_or_missing_file() -> None:
         load_space("deeplab_v9", "deeplab_v3")
 
 
-@without_ray_in_process
 def test_bad_space_is_refused_by_the_command_before_anything_starts(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_dataset
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_dataset, no_ray_cluster: None
 ) -> None:
     import ray
 

@@ -22,7 +22,6 @@ from segplatform.tune.report import (
 )
 from segplatform.tune.space import load_space
 from segplatform.tune.sweep import SweepConfig, SweepError, error_summary, trial_concurrency
-from tests.platform_support import without_ray_in_process
 
 
 def rows() -> list[TrialRow]:
@@ -139,8 +138,7 @@ def sweep_config(data: str, storage: str, **changes: object) -> SweepConfig:
     return SweepConfig(**fields)
 
 
-@without_ray_in_process
-def test_options_refused_before_ray(tmp_path: Path, tiny_dataset) -> None:
+def test_options_refused_before_ray(tmp_path: Path, tiny_dataset, no_ray_cluster: None) -> None:
     import ray
 
     from segplatform.tune.sweep import run_sweep
