@@ -51,6 +51,8 @@ class NoRunError(RuntimeError):
 # least the current holder's, on the same dataset and manifest version), "always" or "never".
 PROMOTION_POLICIES = ("if_better", "always", "never")
 # Tags that must match for two versions' scores to be compared.
+# How waiting for delivery ended (``RunTracker._wait_delivered``).
+_SENT, _UNREACHABLE, _TIMED_OUT = "sent", "unreachable", "timed out"
 COMPARABLE_TAGS = ("dataset", "manifest_version", "dataset_revision")
 
 
@@ -328,26 +330,33 @@ class RunTracker:
         s while the server does not answer.
         """
         self._record("end", {"status": status})
-        delivered = self._wait_delivered(timeout, give_up_after=self.give_up_after)
+        outcome = self._wait_delivered(timeout, give_up_after=self.give_up_after)
         with self._lock:
             self._closed = True
             self._wake.notify_all()
-        if not delivered:
+        if outcome != _SENT:
+            why = (
+                f"is unreachable (no answer for {self.give_up_after:g} s)"
+                if outcome == _UNREACHABLE
+                else f"did not take every record within {timeout:g} s"
+            )
             logger.warning(
-                "MLflow at %s is unreachable: %d tracking record(s) kept in %s; upload them "
+                "MLflow at %s %s: %d tracking record(s) kept in %s; upload them "
                 "with `segplatform tracking sync %s`",
                 self.tracking_uri,
+                why,
                 len(self._pending),
                 self.buffer_dir,
                 self.buffer_dir,
             )
-        return delivered
+        return outcome == _SENT
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until every record so far is delivered (True) or ``timeout`` passes (False)."""
-        return self._wait_delivered(timeout)
+        return self._wait_delivered(timeout) == _SENT
 
-    def _wait_delivered(self, timeout: float, give_up_after: float | None = None) -> bool:
+    def _wait_delivered(self, timeout: float, give_up_after: float | None = None) -> str:
+        """``_SENT``, ``_UNREACHABLE`` (no answer for ``give_up_after`` s) or ``_TIMED_OUT``."""
         start = time.monotonic()
         deadline = start + timeout
         with self._lock:
@@ -355,16 +364,16 @@ class RunTracker:
                 now = time.monotonic()
                 left = deadline - now
                 if left <= 0:
-                    return False
+                    return _TIMED_OUT
                 since = self._unreachable_since  # no answer from the server since then
                 if (
                     give_up_after is not None
                     and since is not None
                     and now - max(since, start) >= give_up_after
                 ):
-                    return False
+                    return _UNREACHABLE
                 self._wake.wait(min(left, 0.5))
-        return True
+        return _SENT
 
     # ---- internals ---------------------------------------------------------------------------
 

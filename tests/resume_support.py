@@ -43,7 +43,7 @@ def checkpoints(
     from segplatform.data import io as dio
 
     fs, root = dio.resolve(run_uri, storage_options)
-    prefix = run_uri[: len(run_uri) - len(root)] if dio.is_s3(run_uri) else ""
+    prefix = "s3://" if dio.is_s3(run_uri) else ""
     found: dict[int, list[str]] = {}
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         match = CHECKPOINT_DIR.match(info.base_name)
@@ -102,6 +102,17 @@ def _differences(a: Any, b: Any, where: str, rtol: float, atol: float) -> list[s
     return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
+def state_differences(
+    a: CheckpointState, b: CheckpointState, *, rtol: float = 0.0, atol: float = 0.0
+) -> list[str]:
+    """What differs between two checkpoints' weights, optimizer, schedule, grad scaler, RNG
+    states, world size and resume fingerprint (empty: nothing)."""
+    differences = _differences(a.weights, b.weights, "weights", rtol, atol)
+    for field in ("optimizer", "scheduler", "scaler", "rng", "world_size", "fingerprint"):
+        differences += _differences(a.train_state[field], b.train_state[field], field, rtol, atol)
+    return differences
+
+
 def assert_same_state(
     resumed: CheckpointState,
     reference: CheckpointState,
@@ -116,11 +127,7 @@ def assert_same_state(
         f"{resumed.where} was not resumed: attempt {resumed.train_state['attempt']}, "
         f"start step {resumed.train_state['start_step']}"
     )
-    differences = _differences(resumed.weights, reference.weights, "weights", rtol, atol)
-    for field in ("optimizer", "scheduler", "scaler", "rng", "world_size", "fingerprint"):
-        differences += _differences(
-            resumed.train_state[field], reference.train_state[field], field, rtol, atol
-        )
+    differences = state_differences(resumed, reference, rtol=rtol, atol=atol)
     assert not differences, (
         f"{resumed.where} (resumed) and {reference.where} (uninterrupted) differ at step "
         f"{resumed.step}:\n" + "\n".join(differences[:20])

@@ -196,7 +196,12 @@ def maybe_pause(
     write_run_file(plan, PAUSE_MARKER.format(step=step), json.dumps(record), storage)
     say(f"{cfg.name} held after step {step} (pause_at_step) until released")
     _, release = run_file(plan, RELEASE_MARKER.format(step=step), storage)
-    while fs.get_file_info(release).type == pafs.FileType.NotFound:
+    while True:
+        try:
+            if fs.get_file_info(release).type != pafs.FileType.NotFound:
+                break
+        except OSError:  # the storage is away (a test may be restarting it): look again
+            pass
         time.sleep(PAUSE_POLL_S)
     say(f"{cfg.name} released at step {step}")
 

@@ -12,7 +12,9 @@
    ``storage_path/name`` (local or S3 through a pyarrow filesystem), the best
    ``keep_checkpoints`` kept by ``val_miou`` (resume-only checkpoints score below any), and
    ``FailureConfig(max_failures)`` for lost workers.
-4. ``fit()``. The same ``name`` and ``storage_path`` again resumes from the latest checkpoint.
+4. Write ``config.json`` into the run directory: the ``TrainConfig`` it runs with (storage
+   credentials left out), which ``segplatform train --config`` takes to run it again.
+   ``fit()``. The same ``name`` and ``storage_path`` again resumes from the latest checkpoint.
    A run the workers stopped (bad data, divergence) raises ``TrainingFailure`` with their
    message; nothing is registered.
 5. The best checkpoint's model package is logged to the run's MLflow run and, with
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 # Names the commit of the code for the run's ``git_commit`` tag where git cannot tell.
 GIT_COMMIT_ENV_VAR = "SEGPLATFORM_GIT_COMMIT"
+CONFIG_FILE = "config.json"  # the run's TrainConfig, in its run directory
 
 __all__ = [
     "PlanError",
@@ -416,6 +419,10 @@ def run(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Any:
     storage_path, storage_filesystem, run_uri = storage_for(config)
     plan = build_plan(config, info, run_uri)
     _take_failure(config, plan)  # a stopped earlier attempt's record is not this run's
+    from segplatform.train.loop import write_run_file
+
+    recorded = {k: v for k, v in config.to_dict().items() if k != "storage_options"}
+    write_run_file(plan, CONFIG_FILE, json.dumps(recorded, indent=1), config.storage_options)
     resources: dict[str, float] | None = config.worker_bundle()
     if config.num_workers == 0:
         resources = None  # local mode: nothing to reserve

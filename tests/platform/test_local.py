@@ -1,7 +1,9 @@
 """Integration tests of ``segplatform local up|status|down`` with real servers on 127.0.0.1.
 
-The tests run in file order on one platform (module fixture); ``test_down_leaves_nothing`` stops
-it and must stay last among the tests that use the fixture.
+The tests run in file order on the session's single-node platform (``single_node_platform``,
+``segplatform local up --num-cpus 4``), after every other module that uses it (``ends_platform``):
+``test_status_names_the_ray_process_that_died`` takes its head down and
+``test_down_leaves_nothing`` stops it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.platform_support import (
+    RunningPlatform,
     clean_env,
     leftover_processes,
     open_ports,
@@ -26,7 +29,7 @@ from tests.platform_support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ends_platform]
 
 CLIENT_KEYS = (
     "RAY_ADDRESS",
@@ -55,13 +58,18 @@ def submit_job(
     return run_venv(["ray", *command], env=env, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def local_platform(single_node_platform: RunningPlatform) -> RunningPlatform:
+    return single_node_platform
+
+
 def leftovers(state_dir: Path, extra_paths: tuple[str, ...], ports: set[int]) -> list[str]:
     """Processes whose command line or environment mention the platform (or its ports)."""
     token_path = str(state_dir / "ray" / "auth_token")
     return leftover_processes(paths=(state_dir, *extra_paths), ports=ports, token_path=token_path)
 
 
-def test_up_prints_addresses_and_exports(local_platform: Any) -> None:
+def test_up_prints_addresses_and_exports(local_platform: RunningPlatform) -> None:
     exports = local_platform.exports
     assert set(CLIENT_KEYS) <= set(exports)
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", exports["RAY_ADDRESS"])
@@ -81,7 +89,7 @@ def test_up_prints_addresses_and_exports(local_platform: Any) -> None:
     assert "MLflow" in local_platform.up_output.stdout
 
 
-def test_status_reports_every_service_healthy(local_platform: Any) -> None:
+def test_status_reports_every_service_healthy(local_platform: RunningPlatform) -> None:
     result = run_cli(["local", "status", "--state-dir", str(local_platform.state_dir), "--json"])
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
@@ -89,14 +97,16 @@ def test_status_reports_every_service_healthy(local_platform: Any) -> None:
     assert {service["name"] for service in report["services"]} == {"s3", "mlflow", "ray_head"}
 
 
-def test_up_again_says_already_up(local_platform: Any) -> None:
+def test_up_again_says_already_up(local_platform: RunningPlatform) -> None:
     result = run_cli(["local", "up", "--state-dir", str(local_platform.state_dir)])
     assert result.returncode == 0, result.stderr
     assert "already up" in result.stdout
     assert json.loads((local_platform.state_dir / "state.json").read_text()) == local_platform.state
 
 
-def test_job_submit_with_printed_settings_only(local_platform: Any, tmp_path: Path) -> None:
+def test_job_submit_with_printed_settings_only(
+    local_platform: RunningPlatform, tmp_path: Path
+) -> None:
     (tmp_path / "job.py").write_text(JOB_SCRIPT)
     env = clean_env(local_platform.home, {k: local_platform.exports[k] for k in CLIENT_KEYS})
     result = submit_job(tmp_path, env)
@@ -104,11 +114,11 @@ def test_job_submit_with_printed_settings_only(local_platform: Any, tmp_path: Pa
     assert result.returncode == 0, output
     assert "succeeded" in output, output
     # The job reached the cluster and inherited the platform's MLflow address.
-    assert f"JOB-MARKER 2 {local_platform.exports['MLFLOW_TRACKING_URI']}" in output, output
+    assert f"JOB-MARKER 4 {local_platform.exports['MLFLOW_TRACKING_URI']}" in output, output
 
 
 def test_job_submit_without_or_with_a_wrong_token_is_refused(
-    local_platform: Any, tmp_path: Path
+    local_platform: RunningPlatform, tmp_path: Path
 ) -> None:
     (tmp_path / "job.py").write_text(JOB_SCRIPT)
     address = {"RAY_ADDRESS": local_platform.exports["RAY_ADDRESS"]}
@@ -125,7 +135,9 @@ def test_job_submit_without_or_with_a_wrong_token_is_refused(
         assert re.search(r"Unauthorized|AuthenticationError|Unauthenticated", output), output
 
 
-def test_mlflow_logs_a_run_with_artifacts_on_s3(local_platform: Any, tmp_path: Path) -> None:
+def test_mlflow_logs_a_run_with_artifacts_on_s3(
+    local_platform: RunningPlatform, tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=local_platform.exports["MLFLOW_TRACKING_URI"])
@@ -145,7 +157,7 @@ def test_mlflow_logs_a_run_with_artifacts_on_s3(local_platform: Any, tmp_path: P
     assert any(key.endswith(f"{run.info.run_id}/artifacts/eval/report.txt") for key in keys), keys
 
 
-def test_s3_enforces_credentials(local_platform: Any) -> None:
+def test_s3_enforces_credentials(local_platform: RunningPlatform) -> None:
     from botocore.exceptions import ClientError
 
     good = s3_client(local_platform.exports, max_attempts=1)
@@ -162,7 +174,7 @@ def test_s3_enforces_credentials(local_platform: Any) -> None:
     }
 
 
-def test_status_names_the_ray_process_that_died(local_platform: Any) -> None:
+def test_status_names_the_ray_process_that_died(local_platform: RunningPlatform) -> None:
     """``ray start --block`` stops the whole head when one of its processes dies; ``status``
     says which one instead of a bare "not ready"."""
     import psutil
@@ -189,7 +201,7 @@ def test_status_names_the_ray_process_that_died(local_platform: Any) -> None:
     assert mlflow["healthy"], mlflow
 
 
-def test_down_leaves_nothing(local_platform: Any) -> None:
+def test_down_leaves_nothing(local_platform: RunningPlatform) -> None:
     state = local_platform.state
     temp_dir = state["services"]["ray_head"]["temp_dir"]
     ports = service_ports(state)

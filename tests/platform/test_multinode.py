@@ -1,15 +1,17 @@
 """Integration tests of a multi-node local platform: ``segplatform local up --nodes 2``,
 ``local status``, ``local node add|remove`` and ``local down`` with real raylets on 127.0.0.1.
 
-The tests run in file order on one two-node platform (module fixture, 1 logical CPU per node);
-``test_down_stops_every_node_and_leaves_nothing`` stops it and must stay last among them.
+The tests run in file order on the session's two-node platform (``two_node_platform``, 1 logical
+CPU per node), after the other modules that use it (``ends_platform``): by then its worker node
+may have been replaced (``tests/train/test_multinode_train.py`` loses node-1 and adds the next),
+so the tests read the node's name from the platform's state.
+``test_down_stops_every_node_and_leaves_nothing`` stops the platform.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +22,12 @@ from tests.platform_support import (
     clean_env,
     leftover_processes,
     open_ports,
-    platform_up,
     run_cli,
     run_venv,
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ends_platform]
 
 # A job that runs one task in each bundle of a STRICT_SPREAD placement group (one per node) and
 # prints where each ran and which platform settings its process inherited.
@@ -56,11 +57,16 @@ print("PLACEMENT", json.dumps(placed))
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
-    """A two-node platform started by ``segplatform local up --nodes 2`` for this module."""
-    options = ["--nodes", "2", "--num-cpus", "1", "--timeout", "400"]
-    with platform_up(tmp_path_factory, "multinode", options, timeout=450) as platform:
-        yield platform
+def cluster(two_node_platform: RunningPlatform) -> RunningPlatform:
+    return two_node_platform
+
+
+def worker_node(cluster: RunningPlatform) -> tuple[str, int]:
+    """The name of the platform's one worker node and its number (``node-N``)."""
+    (record,) = cluster.read_state()["services"]["ray_nodes"]
+    name = record["name"]
+    assert re.fullmatch(r"node-\d+", name), name
+    return name, int(name.split("-")[1])
 
 
 def node_processes(instance_id: str, name: str | None = None) -> list[str]:
@@ -79,20 +85,21 @@ def test_nodes_must_be_at_least_one(tmp_path: Path) -> None:
 
 
 def test_up_starts_two_nodes_and_status_lists_them(cluster: RunningPlatform) -> None:
-    records = cluster.state["services"]["ray_nodes"]
-    assert [record["name"] for record in records] == ["node-1"]
-    assert re.fullmatch(r"[0-9a-f]{56}", records[0]["node_id"])
+    assert [record["name"] for record in cluster.state["services"]["ray_nodes"]] == ["node-1"]
     assert "node-1" in cluster.up_output.stdout
+    records = cluster.read_state()["services"]["ray_nodes"]
+    name, _ = worker_node(cluster)
+    assert re.fullmatch(r"[0-9a-f]{56}", records[0]["node_id"])
     report = cluster.status_report()
     assert report["healthy"] is True, report
     nodes = alive_nodes(report)
-    assert set(nodes) == {"head", "node-1"}, report["nodes"]
-    assert nodes["head"]["is_head"] and not nodes["node-1"]["is_head"]
-    assert nodes["node-1"]["node_id"] == records[0]["node_id"]
-    assert nodes["head"]["node_id"] != nodes["node-1"]["node_id"]
-    assert [nodes[name]["cpus"] for name in ("head", "node-1")] == [1.0, 1.0]
+    assert set(nodes) == {"head", name}, report["nodes"]
+    assert nodes["head"]["is_head"] and not nodes[name]["is_head"]
+    assert nodes[name]["node_id"] == records[0]["node_id"]
+    assert nodes["head"]["node_id"] != nodes[name]["node_id"]
+    assert [nodes[n]["cpus"] for n in ("head", name)] == [1.0, 1.0]
     text = run_cli(["local", "status", "--state-dir", str(cluster.state_dir)])
-    assert re.search(r"node-1\s+ALIVE\s+" + records[0]["node_id"], text.stdout), text.stdout
+    assert re.search(rf"{name}\s+ALIVE\s+" + records[0]["node_id"], text.stdout), text.stdout
     again = run_cli(["local", "up", "--state-dir", str(cluster.state_dir), "--nodes", "3"])
     assert again.returncode == 0 and "already up" in again.stdout
     assert "2 Ray node(s), not 3" in again.stdout
@@ -110,7 +117,8 @@ def test_spread_job_runs_on_both_nodes_with_platform_settings(
     assert result.returncode == 0 and "succeeded" in output, output
     placed = json.loads(re.search(r"^PLACEMENT (.*)$", output, re.MULTILINE).group(1))
     nodes = alive_nodes(cluster.status_report())
-    assert {p["node_id"] for p in placed} == {nodes["head"]["node_id"], nodes["node-1"]["node_id"]}
+    name, _ = worker_node(cluster)
+    assert {p["node_id"] for p in placed} == {nodes["head"]["node_id"], nodes[name]["node_id"]}
     for where in placed:  # workers on the extra node reach the same S3 and MLflow
         assert where["AWS_ENDPOINT_URL"] == exports["AWS_ENDPOINT_URL"]
         assert where["AWS_ACCESS_KEY_ID"] == exports["AWS_ACCESS_KEY_ID"]
@@ -120,12 +128,13 @@ def test_spread_job_runs_on_both_nodes_with_platform_settings(
 def test_node_remove_then_add(cluster: RunningPlatform) -> None:
     state_dir = str(cluster.state_dir)
     instance_id = cluster.state["instance_id"]
-    old_id = cluster.state["services"]["ray_nodes"][0]["node_id"]
-    assert node_processes(instance_id, "node-1")
+    old_name, number = worker_node(cluster)
+    old_id = cluster.read_state()["services"]["ray_nodes"][0]["node_id"]
+    assert node_processes(instance_id, old_name)
     # Orderly removal: the raylet drains and the cluster marks the node DEAD at once.
-    removed = run_cli(["local", "node", "remove", "node-1", "--state-dir", state_dir])
+    removed = run_cli(["local", "node", "remove", old_name, "--state-dir", state_dir])
     assert removed.returncode == 0, removed.stdout + removed.stderr
-    assert node_processes(instance_id, "node-1") == []
+    assert node_processes(instance_id, old_name) == []
     assert cluster.read_state()["services"]["ray_nodes"] == []
     wait_for(
         lambda: set(alive_nodes(cluster.status_report())) == {"head"},
@@ -138,39 +147,40 @@ def test_node_remove_then_add(cluster: RunningPlatform) -> None:
     )
     assert added.returncode == 0, added.stdout + added.stderr
     name, node_id = added.stdout.split()
-    assert name == "node-2" and node_id != old_id
+    assert name == f"node-{number + 1}" and node_id != old_id
     nodes = alive_nodes(cluster.status_report())
-    assert set(nodes) == {"head", "node-2"} and nodes["node-2"]["node_id"] == node_id
-    assert nodes["node-2"]["cpus"] == 1.0  # the head's --num-cpus
+    assert set(nodes) == {"head", name} and nodes[name]["node_id"] == node_id
+    assert nodes[name]["cpus"] == 1.0  # the head's --num-cpus
     # A crash (--force): every process of the node is gone at once; the cluster notices later.
     killed = run_cli(["local", "node", "remove", node_id[:10], "--force", "--state-dir", state_dir])
     assert killed.returncode == 0, killed.stdout + killed.stderr
-    assert "node-2" in killed.stdout
-    assert node_processes(instance_id, "node-2") == []
+    assert name in killed.stdout
+    assert node_processes(instance_id, name) == []
     again = run_cli(
         ["local", "node", "add", "--state-dir", state_dir, "--timeout", "300"], timeout=320
     )
-    assert again.returncode == 0 and again.stdout.startswith("node-3 "), again.stderr
+    assert again.returncode == 0 and again.stdout.startswith(f"node-{number + 2} "), again.stderr
 
 
 def test_head_and_unknown_nodes_cannot_be_removed(cluster: RunningPlatform) -> None:
     state_dir = str(cluster.state_dir)
     head = run_cli(["local", "node", "remove", "head", "--state-dir", state_dir])
     assert head.returncode == 1 and "head node cannot be removed" in head.stderr
+    name, _ = worker_node(cluster)
     unknown = run_cli(["local", "node", "remove", "node-1", "--state-dir", state_dir])
     assert unknown.returncode == 1
-    assert "no worker node 'node-1'" in unknown.stderr and "node-3" in unknown.stderr
+    assert "no worker node 'node-1'" in unknown.stderr and name in unknown.stderr
 
 
 def test_down_stops_every_node_and_leaves_nothing(cluster: RunningPlatform) -> None:
     state = cluster.read_state()
     instance_id = state["instance_id"]
     records = state["services"]["ray_nodes"]
-    assert [record["name"] for record in records] == ["node-3"]
+    name, _ = worker_node(cluster)
     ports = {int(port) for record in records for port in record["ports"].values()}
     ports |= {int(port) for port in state["services"]["ray_head"]["ports"].values()}
     temp_dirs = [Path(record["temp_dir"]) for record in records]
-    assert node_processes(instance_id, "node-3")
+    assert node_processes(instance_id, name)
     result = run_cli(["local", "down", "--state-dir", str(cluster.state_dir)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "worker nodes (1) stopped" in result.stderr

@@ -95,8 +95,11 @@ def test_export_command_writes_the_model_and_its_description(
     tiny_package: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import onnxruntime
+    from matplotlib import cbook
+    from PIL import Image
 
     from segplatform.cli import main
+    from segplatform.package import load_package
 
     out = tmp_path / "exported"
     assert main(["export", "--model", tiny_package, "--format", "onnx", "--out", str(out)]) == 0
@@ -104,9 +107,24 @@ def test_export_command_writes_the_model_and_its_description(
     description = json.loads((out / "export.json").read_text())
     assert description["file"] == "model.onnx" and description["input"]["name"] == "image"
     assert description["classes"] == ["background", "left", "right"]
+    # ONNX Runtime on a real photograph (matplotlib's sample image, at two sizes in one batch's
+    # worth of calls) labels every pixel as the eager network of the package does.
     session = onnxruntime.InferenceSession(str(out / "model.onnx"))
-    logits = session.run(None, {"image": np.zeros((2, 3, 40, 24), np.float32)})[0]
-    assert logits.shape == (2, 3, 40, 24)
+    model, meta = load_package(tiny_package)
+    photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    mean = torch.tensor(meta.normalization["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta.normalization["std"]).view(1, 3, 1, 1)
+    for size in ((96, 80), (61, 45)):  # (width, height), the second odd
+        pixels = np.asarray(photo.resize(size, Image.BILINEAR), np.float32) / 255.0
+        images = (torch.from_numpy(pixels).permute(2, 0, 1)[None] - mean) / std
+        logits = session.run(None, {"image": images.numpy()})[0]
+        assert logits.shape == (1, 3, size[1], size[0])
+        with torch.no_grad():
+            eager = model(images)["out"]
+        np.testing.assert_allclose(logits, eager.numpy(), atol=1e-4)
+        labels = eager.argmax(1).numpy()
+        np.testing.assert_array_equal(logits.argmax(1), labels)
+        assert len(np.unique(labels)) > 1  # a photograph, not a blank: several labels to agree on
 
     with pytest.raises(SystemExit) as refused:
         main(["export", "--model", tiny_package, "--format", "tflite", "--out", str(out)])

@@ -1,6 +1,7 @@
 """Serving a trained, registered model on the local platform with ``segplatform serve``.
 
-One platform (``segplatform local up``: Ray head with token auth, MLflow, S3) for the module.
+The session's single-node platform (``segplatform local up``: Ray head with token auth, MLflow,
+S3), left without a Serve application at the end of the module.
 A tiny U-Net is trained on the built-in real dataset ``mni152-tissue`` (``segplatform train``,
 Ray Train local mode on the platform's Ray) and registered as ``models:/NAME@champion``; the
 command ``segplatform serve`` then runs as a user runs it, with only the platform's exports in
@@ -42,7 +43,6 @@ from tests.platform_support import (
     VENV_BIN,
     RunningPlatform,
     clean_env,
-    platform_up,
     run_cli,
     run_venv,
     wait_for,
@@ -71,11 +71,14 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
-    began = time.monotonic()
-    with platform_up(tmp_path_factory, "serve-platform", ["--num-cpus", "4"]) as running:
-        print(f"platform up in {time.monotonic() - began:.0f} s")
-        yield running
+def platform(single_node_platform: RunningPlatform) -> Iterator[RunningPlatform]:
+    """The session's single-node platform; the module leaves no Serve application on it."""
+    yield single_node_platform
+    env = clean_env(single_node_platform.home, dict(single_node_platform.exports))
+    result = run_venv(
+        ["serve", "shutdown", "--yes", "--address", env["RAY_ADDRESS"]], env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

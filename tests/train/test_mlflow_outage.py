@@ -7,10 +7,11 @@ local Ray cluster and SIGKILLs the server once the run's first metrics have reac
 - the server comes back on the same port and store while the run goes on: training completes,
   every metric logged during the outage reaches MLflow (no step missing, none twice), the run ends
   FINISHED, and the worker's warning about the unreachable server is in its log;
-- the server stays down until after the run: training still ends within a bounded time (the
-  trackers stop waiting for a dead server), the records stay in the tracking buffers with a
-  message naming ``segplatform tracking sync``, and that command uploads them once the server is
-  back (metrics, the FINISHED status and the registered model version).
+- the server stays down until after the run: training still ends, because the trackers stop
+  waiting for a server that does not answer (their warning says so: "unreachable (no answer for
+  N s)", not "did not take every record within"), the records stay in the tracking buffers with
+  a message naming ``segplatform tracking sync``, and that command uploads them once the server
+  is back (metrics, the FINISHED status and the registered model version).
 """
 
 from __future__ import annotations
@@ -46,10 +47,6 @@ EVAL_EVERY = 2
 RESTART_ITERS = 20
 # Iterations of the run whose server stays down.
 DOWN_ITERS = 8
-# Longest the run may take once the server is gone for good: the remaining iterations plus the
-# trackers' give-up delay (``RunTracker.give_up_after``, worker and driver). Waiting out the
-# 120 s delivery timeout of both trackers would take over 240 s.
-UNREACHABLE_RUN_LIMIT_S = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +102,6 @@ class _Training:
     def __init__(self, config: TrainConfig) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
-        self.ended_at: float | None = None
         self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
         self.thread.start()
 
@@ -114,8 +110,6 @@ class _Training:
             self.result = run(config)
         except BaseException as err:  # re-raised by the test
             self.error = err
-        finally:
-            self.ended_at = time.monotonic()
 
     def join(self, timeout: float) -> Any:
         self.thread.join(timeout)
@@ -260,12 +254,8 @@ def test_server_down_until_after_the_run_then_tracking_sync(
     )
     _wait_for_first_metrics(mlflow_server, name, training)
     _kill(mlflow_server)
-    killed_at = time.monotonic()
     result = training.join(timeout=400)
-    took = training.ended_at - killed_at
-    print(f"run() returned {took:.0f} s after the MLflow server was killed")
     assert result.metrics["step"] == DOWN_ITERS
-    assert took < UNREACHABLE_RUN_LIMIT_S, f"run() took {took:.0f} s after the server died"
 
     # The records wait in the buffers of the rank-0 worker and of the driver (which logs and
     # registers the best checkpoint), and each says how to upload them.
@@ -278,10 +268,15 @@ def test_server_down_until_after_the_run_then_tracking_sync(
     assert DOWN_ITERS in kept_steps
     (driver_buffer,) = [b for b in buffers if b.name.startswith("driver-")]
     (worker_buffer,) = [b for b in buffers if b.name.startswith("worker-")]
+    # Both trackers gave up on a server that did not answer; neither waited out its timeout.
+    gave_up = f"MLflow at {mlflow_server.tracking_uri} is unreachable (no answer for"
+    assert gave_up in caplog.text, caplog.text
     assert f"upload them with `segplatform tracking sync {driver_buffer}`" in caplog.text
     logs = _worker_log_text()
     assert f"MLflow at {mlflow_server.tracking_uri} unreachable" in logs
+    assert gave_up in logs
     assert f"upload them with `segplatform tracking sync {worker_buffer}`" in logs
+    assert "did not take every record within" not in caplog.text + logs
 
     _restart(mlflow_server, port)
     for buffer in buffers:

@@ -1,9 +1,13 @@
 """Acceptance: training across a two-node Ray cluster on 127.0.0.1 (token auth on), with data,
 checkpoints and MLflow artifacts on the platform's S3 server, jobs sent with ``ray job submit``.
 
-One platform (``segplatform local up --nodes 2 --num-cpus 1``) serves the module; the tests run
-in file order: a spread run, the fail-fast refusals, the node-loss run (which replaces node-1 by
-node-2), and finally ``local down`` must leave no Ray process behind.
+The session's two-node platform (``two_node_platform``: ``segplatform local up --nodes 2
+--num-cpus 1``) serves the module; the tests run in file order: a spread run, the fail-fast
+refusals, and the node-loss run. The node-loss run is the spread run's settings held after its
+step-2 checkpoint (``pause_at_step``: the run signals it, the test waits for that) while node-1
+is killed and replaced; it resumes from that checkpoint on the head and the new node and ends in
+the spread run's final state (weights, optimizer, schedule, RNG states). ``local down`` is
+checked by ``tests/platform/test_multinode.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +16,8 @@ import io
 import json
 import re
 import subprocess
-import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,20 +25,21 @@ from typing import Any
 import numpy as np
 import pytest
 
+from segplatform.train.loop import pause_marker
 from tests.platform_support import (
     RunningPlatform,
     alive_nodes,
     clean_env,
-    leftover_processes,
-    platform_up,
     run_cli,
     run_venv,
     s3_client,
     wait_for,
 )
+from tests.resume_support import assert_same_state, checkpoint_state, checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "segplatform"
+SPREAD_RUN = "spread-" + uuid.uuid4().hex[:6]
 
 pytestmark = pytest.mark.slow
 
@@ -183,12 +186,18 @@ def placement_tables(platform: Platform, run_id: str) -> dict[int, dict[str, tup
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    options = ["--nodes", "2", "--num-cpus", "1", "--timeout", "400"]
-    with platform_up(tmp_path_factory, "multinode-train", options, timeout=450) as running:
-        platform = Platform(**vars(running), prefix=f"multinode-{uuid.uuid4().hex[:8]}")
-        write_dataset(f"s3://{BUCKET}/{platform.prefix}/data", platform.storage_options())
-        yield platform
+def platform(two_node_platform: RunningPlatform) -> Platform:
+    platform = Platform(**vars(two_node_platform), prefix=f"multinode-{uuid.uuid4().hex[:8]}")
+    write_dataset(f"s3://{BUCKET}/{platform.prefix}/data", platform.storage_options())
+    return platform
+
+
+# The settings of the spread run and of the node-loss run (the same run but for the loss).
+RUN_SETTINGS = (
+    "--max-iters", "6", "--eval-every", "2", "--checkpoint-every", "2", "--keep-checkpoints", "20",
+    "--max-failures", "3",
+)  # fmt: skip
+HOLD = 2  # the node-loss run is held after this step's checkpoint
 
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -197,8 +206,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
 def test_spread_run_uses_both_nodes_and_ends_with_identical_parameters(
     platform: Platform,
 ) -> None:
-    name = "spread-" + uuid.uuid4().hex[:6]
-    result = submit(platform, train_command(platform, name, "--max-iters", "2"))
+    name = SPREAD_RUN
+    result = submit(platform, train_command(platform, name, *RUN_SETTINGS))
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in output, output[-4000:]
     nodes = platform.alive_node_ids()
@@ -217,7 +226,7 @@ def test_spread_run_uses_both_nodes_and_ends_with_identical_parameters(
     # Each rank's parameter checksum after the last step: the replicas agree.
     checksums = [run.data.metrics[f"param_checksum_rank{rank}"] for rank in (0, 1)]
     assert checksums[0] == checksums[1] != 0.0
-    assert run.data.metrics["step"] == 2
+    assert run.data.metrics["step"] == 6
 
 
 def test_spread_larger_than_the_cluster_fails_fast(platform: Platform) -> None:
@@ -249,37 +258,24 @@ def test_local_storage_on_a_multi_node_cluster_fails_fast(
 def test_node_loss_resumes_from_the_last_checkpoint_on_s3(platform: Platform) -> None:
     name = "nodeloss-" + uuid.uuid4().hex[:6]
     run_prefix = f"{platform.prefix}/runs/{name}/"
+    run_uri = f"s3://{BUCKET}/{run_prefix}"
     lost_node = platform.alive_node_ids()["node-1"]
-    command = train_command(
-        platform,
-        name,
-        "--max-iters",
-        "8",
-        "--eval-every",
-        "2",
-        "--checkpoint-every",
-        "2",
-        "--keep-checkpoints",
-        "20",
-        "--max-failures",
-        "3",
-    )
+    command = train_command(platform, name, *RUN_SETTINGS, "--set", f"pause_at_step={HOLD}")
     job_id = f"{name}-job"
     submitted = submit(platform, command, wait=False, submission_id=job_id)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    s3 = platform.s3()
 
-    def registered_checkpoint() -> bool:
-        """Ray Train wrote its snapshot naming at least one registered checkpoint."""
-        key = f"{run_prefix}checkpoint_manager_snapshot.json"
-        try:
-            text = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
-        except s3.exceptions.NoSuchKey:
-            return False
-        return "checkpoint_step" in text
+    def held() -> dict[str, Any] | None:
+        assert job_status(platform, job_id) in ("PENDING", "RUNNING"), platform.ray(
+            ["job", "logs", job_id]
+        ).stdout[-5000:]
+        return pause_marker(run_uri, HOLD, platform.storage_options())
 
-    wait_for(registered_checkpoint, 300, f"no checkpoint of {name} was registered on S3", 1.0)
-    assert job_status(platform, job_id) == "RUNNING"
+    marker = wait_for(held, 300, f"{name} was not held after step {HOLD}", 1.0)
+    assert marker["attempt"] == 1
+    assert {worker["node_id"] for worker in marker["workers"]} == set(
+        platform.alive_node_ids().values()
+    )
     before = platform.objects(run_prefix)
     checkpoints_before = {k for k in before if k.endswith("/train_state.pt")}
     run_id = mlflow_run(platform, name).info.run_id
@@ -305,29 +301,37 @@ def test_node_loss_resumes_from_the_last_checkpoint_on_s3(platform: Platform) ->
     assert added.returncode == 0, added.stdout + added.stderr
     new_node = added.stdout.split()[1]
 
-    deadline = time.monotonic() + 600
-    final = job_status(platform, job_id)
-    while final not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
-        time.sleep(3.0)
-        final = job_status(platform, job_id)
+    final = wait_for(
+        lambda: (lambda status: status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None)(
+            job_status(platform, job_id)
+        ),
+        600,
+        f"{name} did not end",
+        1.0,
+    )
     logs = platform.ray(["job", "logs", job_id]).stdout
     assert final == "SUCCEEDED", logs[-6000:]
 
     run = mlflow_run(platform, name)
     client = platform.mlflow()
-    # The run went on from a checkpoint: a second attempt whose first step was not 0.
+    # The run went on from the checkpoint it was held at: a second attempt starting at step 2.
     attempts = {int(m.value) for m in client.get_metric_history(run.info.run_id, "attempt")}
-    assert attempts >= {1, 2}, attempts
+    assert attempts == {1, 2}, attempts
     start_steps = {int(m.value) for m in client.get_metric_history(run.info.run_id, "start_step")}
-    assert max(start_steps) >= 2, start_steps
-    assert run.data.metrics["step"] == 8
+    assert start_steps == {0, HOLD}, start_steps
+    assert run.data.metrics["step"] == 6
     # The new attempt ran on the head and the new node, not on the lost one.
     tables = placement_tables(platform, run.info.run_id)
-    assert len(tables) >= 2
-    assert set(tables[max(tables)]["node_id"]) == {platform.alive_node_ids()["head"], new_node}
+    assert set(tables) == {1, 2}
+    assert set(tables[2]["node_id"]) == {platform.alive_node_ids()["head"], new_node}
     assert lost_node in tables[1]["node_id"]
     checksums = [run.data.metrics[f"param_checksum_rank{rank}"] for rank in (0, 1)]
     assert checksums[0] == checksums[1]
+    # It ended in the state of the same run without the loss (the spread run).
+    options = platform.storage_options()
+    resumed = checkpoints(run_uri, options)[6][-1]
+    spread = checkpoints(f"s3://{BUCKET}/{platform.prefix}/runs/{SPREAD_RUN}", options)[6][-1]
+    assert_same_state(checkpoint_state(resumed, options), checkpoint_state(spread, options))
     # Nothing written before the loss is lost: checkpoints on S3 and the MLflow history.
     after = platform.objects(run_prefix)
     assert {k: after.get(k) for k in before if "/checkpoint_step" in k} == {
@@ -336,13 +340,4 @@ def test_node_loss_resumes_from_the_last_checkpoint_on_s3(platform: Platform) ->
     assert checkpoints_before
     history_after = {(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")}
     assert history_before <= history_after
-    assert {step for step, _ in history_after} == set(range(1, 9))
-
-
-def test_down_leaves_no_ray_process(platform: Platform) -> None:
-    marker_prefix = f"{platform.read_state()['instance_id']}/"
-    assert leftover_processes(marker_prefix=marker_prefix)
-    result = run_cli(["local", "down", "--state-dir", str(platform.state_dir)])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert leftover_processes(marker_prefix=marker_prefix) == []
-    assert leftover_processes(paths=(platform.state_dir,)) == []
+    assert {step for step, _ in history_after} == set(range(1, 7))

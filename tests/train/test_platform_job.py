@@ -12,10 +12,12 @@ What a user does, with nothing but the settings ``segplatform local up`` prints:
 and what it must find: the job SUCCEEDED, its checkpoint on the platform's S3 server, the run
 (FINISHED, with metrics) and a registered model version with alias ``champion`` on the platform's
 MLflow server, a model package that ``load_package`` rebuilds from ``models:/NAME@champion``,
-a working-dir upload without the virtualenv or git history, and nothing left running after
-``down``. ``--num-cpus 4`` gives two 0.5-CPU workers and Ray Data spare CPU on two cores.
+and a working-dir upload without the virtualenv or git history. ``--num-cpus 4`` gives two
+0.5-CPU workers and Ray Data spare CPU on two cores.
 
-One platform serves the module; ``test_down_leaves_nothing`` stops it and must stay last.
+The session's single-node platform serves the module (``single_node_platform``); this module's
+data and runs live under ``s3://segplatform/platform-job/``. ``tests/platform/test_local.py``
+checks that ``down`` leaves nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,8 @@ import pytest
 from tests.platform_support import (
     RunningPlatform,
     clean_env,
-    leftover_processes,
-    open_ports,
-    platform_up,
-    run_cli,
     run_venv,
     s3_client,
-    service_ports,
 )
 
 pytestmark = pytest.mark.slow
@@ -47,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_NAME = "refinenet-platform"
 MODEL_NAME = "refinenet-test"
 MAX_ITERS = 2
+PREFIX = "platform-job"  # this module's part of the platform's bucket
 
 
 class Platform(RunningPlatform):
@@ -65,16 +62,15 @@ class Platform(RunningPlatform):
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    with platform_up(tmp_path_factory, "platform-job", ["--num-cpus", "4"]) as running:
-        yield Platform(**vars(running))
+def platform(single_node_platform: RunningPlatform) -> Platform:
+    return Platform(**vars(single_node_platform))
 
 
 @pytest.fixture(scope="module")
 def submitted(platform: Platform) -> dict[str, Any]:
     """The dataset converted to the platform's bucket and the training job submitted."""
     bucket = platform.exports["SEGPLATFORM_S3_BUCKET"]
-    data = f"s3://{bucket}/datasets/mni152"
+    data = f"s3://{bucket}/{PREFIX}/datasets/mni152"
     convert = platform.run(["segplatform", "data", "convert", "mni152-tissue", data])
     assert convert.returncode == 0, convert.stdout + convert.stderr
     # The uploaded working dir has no .git: the README's way to tag the run with the commit.
@@ -85,8 +81,8 @@ def submitted(platform: Platform) -> dict[str, Any]:
     command = [
         "ray", "job", "submit", "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
         "python", "jobs/train_refinenet.py", "--tiny", "--data", data,
-        "--storage", f"s3://{bucket}/runs", "--workers", "2", "--max-iters", str(MAX_ITERS),
-        "--register-as", MODEL_NAME, "--name", RUN_NAME,
+        "--storage", f"s3://{bucket}/{PREFIX}/runs", "--workers", "2",
+        "--max-iters", str(MAX_ITERS), "--register-as", MODEL_NAME, "--name", RUN_NAME,
     ]  # fmt: skip
     job = platform.run(command, timeout=600)
     output = job.stdout + job.stderr
@@ -118,10 +114,10 @@ def test_working_dir_upload_leaves_out_venv_git_and_data(
 ) -> None:
     """Ray packs the working dir minus .git, .venv and what .gitignore lists."""
     temp_dir = Path(platform.state["services"]["ray_head"]["temp_dir"])
-    unpacked = [
+    unpacked = [  # the repository's upload (other modules' jobs upload other folders)
         p
         for p in temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
-        if p.is_dir()
+        if (p / "pyproject.toml").is_file()
     ]
     assert len(unpacked) == 1, unpacked
     package = unpacked[0]
@@ -133,9 +129,9 @@ def test_working_dir_upload_leaves_out_venv_git_and_data(
 
 
 def test_checkpoint_is_on_the_platform_s3(platform: Platform, submitted: dict[str, Any]) -> None:
-    keys = platform.s3_keys(f"runs/{RUN_NAME}/")
+    keys = platform.s3_keys(f"{PREFIX}/runs/{RUN_NAME}/")
     final = [k for k in keys if f"/checkpoint_step{MAX_ITERS:08d}_" in k]
-    files = {k.split("/", 3)[3] for k in final}  # path inside the checkpoint directory
+    files = {k.split("/", 4)[4] for k in final}  # path inside the checkpoint directory
     assert {"model/model.json", "model/model.safetensors", "train_state.pt"} <= files, keys
 
 
@@ -171,7 +167,7 @@ def test_mlflow_has_the_finished_run_and_champion_version(
     assert version.tags["manifest_version"] == "1"
     assert version.tags["ray_run_name"] == RUN_NAME
     assert version.tags["git_commit"] == submitted["commit"]
-    assert version.tags["checkpoint"].startswith(f"{submitted['bucket']}/runs/{RUN_NAME}/")
+    assert version.tags["checkpoint"].startswith(f"{submitted['bucket']}/{PREFIX}/runs/{RUN_NAME}/")
 
     # As a user with the printed settings would (download_artifacts' own tracking_uri and
     # registry_uri arguments do not reach the models:/ alias lookup in MLflow 3.17).
@@ -186,22 +182,3 @@ def test_mlflow_has_the_finished_run_and_champion_version(
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 48))["out"]
     assert out.shape == (1, 4, 64, 48)
-
-
-def _leftovers(platform: Platform) -> list[str]:
-    """Processes whose command line or environment mention the platform."""
-    return leftover_processes(
-        paths=(platform.state_dir, platform.state["services"]["ray_head"]["temp_dir"]),
-        token_path=platform.exports["RAY_AUTH_TOKEN_PATH"],
-        marker_prefix=f"{platform.state['instance_id']}/",
-    )
-
-
-def test_down_leaves_nothing(platform: Platform) -> None:
-    ports = service_ports(platform.state)
-    assert _leftovers(platform), "the platform is not running"
-    down = run_cli(["local", "down", "--state-dir", str(platform.state_dir)])
-    assert down.returncode == 0, down.stdout + down.stderr
-    assert _leftovers(platform) == []
-    assert open_ports(ports) == []
-    assert not (platform.state_dir / "state.json").exists()

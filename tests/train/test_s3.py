@@ -1,14 +1,15 @@
 """Training with data and checkpoints on S3 (a real SeaweedFS server), across a server restart.
 
 The server is this module's own (not the session one), so that it can be stopped and started
-again on the same ports and data directory while two workers train.
+again on the same ports and data directory while two workers train: the run is held after its
+step-2 checkpoint (``pause_at_step``; the test waits for the run's marker), the server restarts,
+and the run, released, writes its later checkpoints to the restarted server.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 from segplatform.services import seaweed
 from segplatform.services.seaweed import SeaweedServer
 from segplatform.train import TrainConfig, run
+from segplatform.train.loop import pause_marker, release_pause
+from tests.platform_support import open_ports, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +33,7 @@ def _restart_on_same_ports(server: SeaweedServer, monkeypatch: pytest.MonkeyPatc
     """Stop the server and start it again with the same ports and data directory."""
     ports = [server.ports[name] for name in ("s3", "master", "volume", "filer", "admin")]
     server.stop()
-    time.sleep(2)
+    wait_for(lambda: not open_ports(ports), 60, f"the stopped server's ports {ports} stay open")
     queue = iter(ports)
     with monkeypatch.context() as patch:
         patch.setattr(seaweed, "free_port_pair", lambda *a, **k: next(queue))
@@ -83,6 +86,7 @@ def test_s3_data_and_checkpoints_survive_a_server_restart(
         storage_path=f"s3://{BUCKET}/runs",
         name="s3-run",
         max_failures=3,
+        pause_at_step=2,
         mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         experiment="s3-run",
     )
@@ -99,13 +103,15 @@ def test_s3_data_and_checkpoints_survive_a_server_restart(
 
     thread = threading.Thread(target=train)
     thread.start()
-    fs, runs_path = resolve(f"s3://{BUCKET}/runs/s3-run", options)
-    deadline = time.monotonic() + 300
-    while not _checkpoint_dirs(fs, runs_path):
+    run_uri = f"s3://{BUCKET}/runs/s3-run"
+
+    def held() -> dict[str, Any] | None:
         assert thread.is_alive(), outcome
-        assert time.monotonic() < deadline, "no checkpoint reached S3"
-        time.sleep(0.5)
+        return pause_marker(run_uri, 2, options)
+
+    wait_for(held, 300, "the run was not held after its step-2 checkpoint", 0.2)
     _restart_on_same_ports(s3, monkeypatch)
+    release_pause(run_uri, 2, options)
     thread.join(timeout=600)
     assert not thread.is_alive()
     assert "error" not in outcome, outcome.get("error")
@@ -118,7 +124,9 @@ def test_s3_data_and_checkpoints_survive_a_server_restart(
     state = torch.load(local / "train_state.pt", weights_only=True)
     assert state["step"] == 6
     assert (local / "model" / "model.safetensors").stat().st_size > 0
-    assert len(_checkpoint_dirs(fs, runs_path)) >= 2
+    fs, runs_path = resolve(run_uri, options)
+    steps = {name[len("checkpoint_step") :][:8] for name in _checkpoint_dirs(fs, runs_path)}
+    assert {"00000004", "00000006"} <= steps  # written after the restart
     _assert_credentials_stay_out(options, config, tmp_path)
 
 

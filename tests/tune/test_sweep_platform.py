@@ -1,17 +1,19 @@
 """Acceptance (issue 15): sweeps submitted with ``ray job submit`` to ``segplatform local up``.
 
-One platform with 2 logical CPUs serves the module (a trial's 2 workers take 0.5 CPU each, so
-trials run one at a time and a CPU stays free for batch decoding), with the built-in real dataset
-``mni152-tissue`` and every run on the platform's S3 server. In file order:
+The session's single-node platform (4 logical CPUs) serves the module, with the built-in real
+dataset ``mni152-tissue`` and every run on the platform's S3 server under this module's prefix.
+In file order:
 
 1. A request that can never fit the cluster is refused at once, before any trial starts.
-2. A DeepLab v3 sweep of 4 trials (tiny, atrous rates x learning rate on a grid, ASHA) whose
-   driver is SIGKILLed once a trial has ended and the next has written a checkpoint, then
-   resubmitted with ``--resume``: 4 trials in all, the trials that had ended are not run again
-   (their MLflow records and stored results are unchanged), the interrupted one continues from
-   its checkpoint, ASHA stopped at least one early, the best is registered and aliased, and
-   MLflow holds the parent with one child per trial, none RUNNING, the results table and figure
-   on the parent.
+2. A DeepLab v3 sweep of 2 trials at once (tiny, atrous rates on a grid, ASHA with its rung at
+   step 2, one worker each) whose driver is SIGKILLed while one trial has ended and the other,
+   let through by ASHA, is held after its step-3 checkpoint (the ``pause_at_step`` test knob:
+   the trial signals that it is held; nothing here waits on time). Resubmitted with
+   ``--resume``: the trial that had ended is not run again (its MLflow record and stored results
+   are unchanged), the held one continues from step 3 and ends in the state of the same trial
+   run without interruption (weights, optimizer, schedule, RNG states), the best is registered
+   and aliased, and MLflow holds the parent with one child per trial, none RUNNING, the results
+   table and figure on the parent.
 3. A small PSPNet bins sweep: its results and figure are per value of ``bins``.
 """
 
@@ -23,10 +25,8 @@ import json
 import re
 import signal
 import subprocess
-import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,15 @@ from typing import Any
 import psutil
 import pytest
 
+from segplatform.train.loop import pause_marker, release_pause
 from tests.platform_support import (
     RunningPlatform,
     clean_env,
-    platform_up,
     run_venv,
     s3_client,
     wait_for,
 )
+from tests.resume_support import assert_same_state, checkpoint_state, checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,15 @@ class Platform(RunningPlatform):
     @property
     def storage(self) -> str:
         return f"s3://{BUCKET}/{self.prefix}/runs"
+
+    def storage_options(self) -> dict[str, str]:
+        exports = self.exports
+        return {
+            "endpoint_url": exports["AWS_ENDPOINT_URL"],
+            "key": exports["AWS_ACCESS_KEY_ID"],
+            "secret": exports["AWS_SECRET_ACCESS_KEY"],
+            "region": exports["AWS_DEFAULT_REGION"],
+        }
 
     def client_env(self) -> dict[str, str]:
         exports = {k: v for k, v in self.exports.items() if k != "SEGPLATFORM_HOME"}
@@ -124,23 +134,19 @@ class Platform(RunningPlatform):
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+def platform(single_node_platform: RunningPlatform) -> Platform:
     from segplatform.data.sources import convert_builtin
 
-    with platform_up(tmp_path_factory, "sweep-platform", ["--num-cpus", "2"]) as running:
-        platform = Platform(**vars(running), prefix=f"sweep-{uuid.uuid4().hex[:8]}")
-        exports = platform.exports
-        options = {
-            "endpoint_url": exports["AWS_ENDPOINT_URL"],
-            "key": exports["AWS_ACCESS_KEY_ID"],
-            "secret": exports["AWS_SECRET_ACCESS_KEY"],
-            "region": exports["AWS_DEFAULT_REGION"],
-        }
-        # The built-in real dataset, every 8th slice: 30 train / 12 val rows.
-        convert_builtin(
-            "mni152-tissue", platform.data, storage_options=options, show_progress=False, stride=8
-        )
-        yield platform
+    platform = Platform(**vars(single_node_platform), prefix=f"sweep-{uuid.uuid4().hex[:8]}")
+    # The built-in real dataset, every 8th slice: 30 train / 12 val rows.
+    convert_builtin(
+        "mni152-tissue",
+        platform.data,
+        storage_options=platform.storage_options(),
+        show_progress=False,
+        stride=8,
+    )
+    return platform
 
 
 def sweep_command(platform: Platform, job: str, name: str, space: Path, *extra: str) -> list[str]:
@@ -195,72 +201,80 @@ def test_request_that_can_never_fit_is_refused_at_once(platform: Platform, tmp_p
     space.write_text("params:\n  atrous_rates: {choice: [[1, 2, 3], [2, 4, 6]]}\n")
     name = "nofit-" + uuid.uuid4().hex[:6]
     command = sweep_command(
-        platform, "jobs/sweep_deeplab_v3.py", name, space, "--workers", "3",
+        platform, "jobs/sweep_deeplab_v3.py", name, space, "--workers", "5",
         "--cpus-per-worker", "1", "--max-iters", "4", "--eval-every", "2",
     )  # fmt: skip
-    started = time.monotonic()
     result = platform.submit(command, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-4000:]
-    assert f"error: sweep {name} refused: cannot place 3 worker(s)" in output, output[-4000:]
-    assert "holds at most 2 such worker(s)" in output
+    assert f"error: sweep {name} refused: cannot place 5 worker(s)" in output, output[-4000:]
+    assert "holds at most 4 such worker(s)" in output
     assert not re.search(rf"{name}: trial \S+ started", output)
     assert platform.s3_keys(f"{platform.prefix}/runs/{name}/tune/") == {}
-    assert time.monotonic() - started < 120
+
+
+HOLD = 3  # trials are held after this step (past ASHA's rung at step 2) until released
 
 
 def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) -> None:
     name = "dlv3-" + uuid.uuid4().hex[:6]
     model = f"{name}-model"
     space = tmp_path / "space.yaml"
-    # Atrous rates x a learning rate that learns and one that cannot: ASHA has something to stop.
-    space.write_text(
-        "params:\n"
-        "  atrous_rates: {choice: [[1, 2, 3], [2, 4, 6]]}\n"
-        "  lr: {choice: [0.003, 1.0e-7]}\n"
-    )
+    space.write_text("params:\n  atrous_rates: {choice: [[1, 2, 3], [2, 4, 6]]}\n")
     command = sweep_command(
-        platform, "jobs/sweep_deeplab_v3.py", name, space, "--workers", "2", "--max-iters", "4",
-        "--eval-every", "2", "--register-as", model,
+        platform, "jobs/sweep_deeplab_v3.py", name, space, "--workers", "1",
+        "--max-concurrent", "2", "--max-iters", "4", "--eval-every", "2",
+        "--register-as", model, "--set", "checkpoint_every=1", "--set", f"pause_at_step={HOLD}",
     )  # fmt: skip
     job = f"{name}-first"
     submitted = platform.submit(command, wait=False, submission_id=job)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     trials_prefix = f"{platform.prefix}/runs/{name}/trials/"
+    trials_uri = f"s3://{BUCKET}/{trials_prefix}"
+    options = platform.storage_options()
 
-    def parent_id() -> str | None:
+    def trial_runs() -> dict[str, Any]:
+        """Run name -> MLflow run of every trial that started."""
         client = platform.mlflow()
         experiment = client.get_experiment_by_name(EXPERIMENT)
         if experiment is None:
-            return None
-        runs = client.search_runs(
+            return {}
+        parents = client.search_runs(
             [experiment.experiment_id], filter_string=f"tags.`segplatform.sweep` = '{name}'"
         )
-        return runs[0].info.run_id if runs else None
+        if not parents:
+            return {}
+        return {r.info.run_name: r for r in children(platform, parents[0].info.run_id)}
 
-    def ready_to_kill() -> bool:
-        """A trial has ended and a running one has a registered checkpoint."""
+    released: set[str] = set()
+
+    def held_with_one_ended() -> tuple[str, dict[str, Any]] | None:
+        """Once one trial has ended and the other is held: (its run name, its hold marker).
+        While both are held and none has ended, one of them is released to end."""
         assert platform.job_status(job) in ("PENDING", "RUNNING"), platform.ray(
             ["job", "logs", job]
         ).stdout[-5000:]
-        parent = parent_id()
-        if parent is None:
-            return False
-        runs = children(platform, parent)
-        if not any(r.info.status in ("FINISHED", "KILLED") for r in runs):
-            return False
-        for run in runs:
-            if run.info.status != "RUNNING":
-                continue
-            snapshot = f"{trials_prefix}{run.info.run_name}/checkpoint_manager_snapshot.json"
-            try:
-                if "checkpoint_step" in platform.s3_text(snapshot):
-                    return True
-            except Exception:
-                continue
-        return False
+        runs = trial_runs()
+        ended = [n for n, r in runs.items() if r.info.status in ("FINISHED", "KILLED")]
+        held = {
+            n: marker
+            for n, r in sorted(runs.items())
+            if r.info.status == "RUNNING"
+            and n not in released
+            and (marker := pause_marker(trials_uri + n, HOLD, options))
+        }
+        if ended and held:
+            return next(iter(held.items()))
+        if len(runs) == 2 and not ended and len(held) == 2:
+            first = next(iter(held))
+            release_pause(trials_uri + first, HOLD, options)
+            released.add(first)
+        return None
 
-    wait_for(ready_to_kill, 600, "no trial ended while the next one checkpointed", 1.0)
+    interrupted, marker = wait_for(
+        held_with_one_ended, 600, "no trial was held past ASHA's rung after another ended", 1.0
+    )
+    assert marker["step"] == HOLD
     # The job's entrypoint runs under a shell; the driver is the Python process.
     drivers = [
         p
@@ -270,15 +284,14 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
     assert len(drivers) == 1, drivers
     drivers[0].send_signal(signal.SIGKILL)  # the job's driver, not a clean stop
     wait_for(lambda: platform.job_status(job) == "FAILED", 120, "the killed job did not fail")
-    # Trials die with their driver; wait until their processes are gone before resuming.
+    # Trials die with their driver; resume once their processes are gone.
     wait_for(
         lambda: not platform.processes(*TRIAL_PROCESSES), 120, "the killed sweep's trials live on"
     )
-    parent = parent_id()
-    before = {r.info.run_name: r for r in children(platform, parent)}
+    before = trial_runs()
     ended = {n: r for n, r in before.items() if r.info.status in ("FINISHED", "KILLED")}
-    interrupted = {n for n, r in before.items() if r.info.status == "RUNNING"}
-    assert ended and interrupted, {n: r.info.status for n, r in before.items()}
+    assert set(before) == {*ended, interrupted}, {n: r.info.status for n, r in before.items()}
+    assert before[interrupted].info.status == "RUNNING"
     client = platform.mlflow()
     histories = {
         n: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val_miou")]
@@ -295,32 +308,41 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
         trial_id = run_name[len(name) + 1 :]
         assert not re.search(rf"trial {trial_id} (started|resumed)", output), output[-6000:]
     # What it prints: one line per event, then the table best first and the registered model.
-    assert re.search(rf"{name}: trial \S+ evaluated at step \d+/4: val mIoU", output)
     assert re.search(rf"{name}: trial \S+ finished at step 4/4: best val mIoU", output)
-    table = output[output.index(f"sweep {name}: 4 trial(s), best validation mIoU first") :]
-    assert re.search(r"#\s+trial\s+atrous_rates\s+lr\s+best mIoU", table)
+    table = output[output.index(f"sweep {name}: 2 trial(s), best validation mIoU first") :]
+    assert re.search(r"#\s+trial\s+atrous_rates\s+best mIoU", table)
     assert f"registered as models:/{model}@champion" in table
+
+    # ---- the held trial went on from its step-3 checkpoint, as if never interrupted ----
+    after = client.get_run(before[interrupted].info.run_id)
+    assert after.info.status == "FINISHED"
+    starts = [int(m.value) for m in client.get_metric_history(after.info.run_id, "start_step")]
+    assert max(starts) == HOLD, starts  # the resumed attempt started at the held checkpoint
+    resumed_final = checkpoints(trials_uri + interrupted, options)[4]
+    reference = uninterrupted_run(platform, trials_uri + interrupted, tmp_path)
+    assert_same_state(
+        checkpoint_state(resumed_final[-1], options), checkpoint_state(reference, options)
+    )
 
     # ---- records ----
     parent_record = parent_run(platform, name)
     assert parent_record.info.status == "FINISHED", output[-6000:]
     runs = {r.info.run_name: r for r in children(platform, parent_record.info.run_id)}
-    assert len(runs) == 4, sorted(runs)  # one child per trial, the number asked for
+    assert set(runs) == set(before)  # one child per trial, the number asked for
     assert {r.info.status for r in runs.values()} <= {"FINISHED", "KILLED"}
     rows = results_table(platform, parent_record.info.run_id)
-    assert len(rows) == 4 and {r["run_name"] for r in rows} == set(runs)
+    assert len(rows) == 2 and {r["run_name"] for r in rows} == set(runs)
     assert [float(r["best_val_miou"]) for r in rows] == sorted(
         (float(r["best_val_miou"]) for r in rows), reverse=True
     )
-    stopped = [r for r in rows if r["status"] == "stopped early"]
-    assert stopped, rows  # ASHA stopped at least one trial early
-    for row in stopped:
-        assert runs[row["run_name"]].info.status == "KILLED"
-        assert int(row["step"]) < 4
+    for row in rows:  # a trial ASHA stopped early stopped at its rung
+        if row["status"] == "stopped early":
+            assert runs[row["run_name"]].info.status == "KILLED"
+            assert int(row["step"]) < 4
     assert {"results.csv", "results.png", "space.json"} <= artifact_names(
         platform, parent_record.info.run_id
     )
-    # The trials that had ended were not run again: same records, same stored results.
+    # The trial that had ended was not run again: same records, same stored results.
     for run_name, run in ended.items():
         now = client.get_run(run.info.run_id)
         assert now.info.end_time == run.info.end_time, run_name
@@ -330,16 +352,10 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
         assert "placement/attempt2.json" not in artifact_names(
             platform, run.info.run_id, "placement"
         )
-        after = platform.s3_keys(f"{trials_prefix}{run_name}/")
-        assert {k: v for k, v in after.items() if "/checkpoint_step" in k} == {
+        now_stored = platform.s3_keys(f"{trials_prefix}{run_name}/")
+        assert {k: v for k, v in now_stored.items() if "/checkpoint_step" in k} == {
             k: v for k, v in stored[run_name].items() if "/checkpoint_step" in k
         }
-    # The interrupted trial went on from its checkpoint (unless ASHA had just stopped it).
-    for run_name in interrupted:
-        run = runs[run_name]
-        starts = {int(m.value) for m in client.get_metric_history(run.info.run_id, "start_step")}
-        if run.info.status == "FINISHED":
-            assert max(starts) >= 2, starts
     # The best trial's best checkpoint is the registered champion.
     best = rows[0]
     version = client.get_model_version_by_alias(model, "champion")
@@ -352,6 +368,37 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
     assert parent_record.data.metrics["best_val_miou"] == pytest.approx(
         float(best["best_val_miou"]), abs=1e-4
     )
+
+
+def uninterrupted_run(platform: Platform, trial_uri: str, tmp_path: Path) -> str:
+    """The trial's run (its ``config.json``) trained again without interruption on the platform,
+    with ``segplatform train --config``; the URI of its final checkpoint."""
+    from segplatform.data import io as dio
+
+    fs, path = dio.resolve(f"{trial_uri}/config.json", platform.storage_options())
+    with fs.open_input_stream(path) as stream:
+        config = json.loads(stream.read().decode())
+    name = f"{config['name']}-reference"
+    storage = f"{platform.storage}/references"
+    config.update(
+        name=name,
+        storage_path=storage,
+        pause_at_step=None,
+        mlflow_parent_run=None,
+        experiment="sweep-references",
+        ray_address=platform.state["services"]["ray_head"]["gcs_address"],
+    )
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(config))
+    result = run_venv(
+        ["segplatform", "train", "--config", str(path)],
+        env=platform.client_env(),
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = checkpoints(f"{storage}/{name}", platform.storage_options())
+    return final[config["max_iters"]][-1]
 
 
 def test_pspnet_bins_sweep(platform: Platform, tmp_path: Path) -> None:
