@@ -1,7 +1,7 @@
 """PBT for real: a sweep of two trials on the in-process Ray cluster in which the trial that
 cannot learn clones the one that does (Tune's own exploit step, nothing patched).
 
-The trials (tiny PSPNet, Ray Train local mode, the learnable shapes set) differ only in their
+The trials (tiny PSPNet, one Ray Train worker each, the learnable shapes set) differ only in their
 learning rate: 0.01 learns, 1e-9 leaves the initial weights as they are, so the second scores
 below the first at every evaluation and PBT's bottom quantile is always that trial. Whether it
 exploits depends on whether the better trial has a score when it reports, which is a matter of
@@ -32,7 +32,7 @@ from tests.train.conftest import write_shapes
 pytestmark = pytest.mark.slow
 
 HOLD = 3
-MAX_ITERS = 8
+MAX_ITERS = 6
 CLONE = re.compile(r"^(?P<original>.+)-(?P<hash>[0-9a-f]{8})$")  # trial_run_name with a suffix
 
 
@@ -45,7 +45,7 @@ def test_the_weak_trial_clones_the_strong_one(ray_cluster: None, tmp_path: Path)
         tiny=True,
         data=data,
         storage_path=storage,
-        num_workers=0,  # local mode: the loop runs in the trial's own process
+        num_workers=1,
         crop_size=(32, 32),
         batch_size=4,
         optimizer="adamw",
@@ -119,7 +119,7 @@ def test_the_weak_trial_clones_the_strong_one(ray_cluster: None, tmp_path: Path)
         donor_config = json.loads((trials / donor / "config.json").read_text())
         assert donor_config["lr"] == 0.01
         step = int(re.search(r"checkpoint_step(\d+)", donor_checkpoint.name)[1])
-        assert step in (2, 4) and step % 2 == 0
+        assert step in (2, 4)
         # ... and goes on for the donor's remaining iterations, from its weights.
         assert config["max_iters"] == MAX_ITERS - step
         assert (donor_checkpoint / "model" / "model.safetensors").is_file()
