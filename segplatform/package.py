@@ -1,4 +1,5 @@
-"""The model package: what training produces, MLflow registers and serving loads (DESIGN §2.4).
+"""The model package: what training produces, MLflow registers and serving loads (README:
+"Models: the package and the registry").
 
 A package is a directory (local path, ``file://`` or any fsspec URI such as ``s3://``)::
 

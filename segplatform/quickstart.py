@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,21 @@ def overlay_grid(model_uri: str, data_uri: str, out: Path, *, split: str = "val"
     return out
 
 
+def champion_package(tracking_uri: str, directory: str) -> str:
+    """A copy, under ``directory``, of the model package that ``models:/unet-mni152@champion``
+    names in the registry at ``tracking_uri`` (asked of that registry only: the process's MLflow
+    settings are left as they were)."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion").version
+    source = client.get_model_version_download_uri(MODEL_NAME, version)
+    return mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=directory, tracking_uri=tracking_uri
+    )
+
+
 def run_quickstart(
     workdir: str | os.PathLike = ".",
     *,
@@ -89,7 +105,6 @@ def run_quickstart(
     log: Any = print,
 ) -> QuickstartResult:
     """Run the main job under ``workdir`` (see the module docstring)."""
-    import mlflow
 
     from segplatform.data.format import read_manifest
     from segplatform.data.sources import convert_builtin
@@ -146,13 +161,14 @@ def run_quickstart(
             ray.shutdown()
     run_dir = str(result.path)
 
-    mlflow.set_tracking_uri(tracking_uri)
     model_uri = f"models:/{MODEL_NAME}@champion"
-    evaluation = evaluate_model(model_uri, data_uri, split="val", device="cpu")
+    with tempfile.TemporaryDirectory(prefix="segplatform-champion-") as scratch:
+        package = champion_package(tracking_uri, scratch)
+        evaluation = evaluate_model(package, data_uri, split="val", device="cpu")
+        overlay_path = overlay_grid(package, data_uri, root / "outputs" / f"{name}-overlay.png")
     baseline = majority_miou(data_uri, "val", info.num_classes)
     log(format_table(evaluation, evaluation["classes"]))
     log(f"validation mIoU {evaluation['miou']:.3f} (majority-class baseline {baseline:.3f})")
-    overlay_path = overlay_grid(model_uri, data_uri, root / "outputs" / f"{name}-overlay.png")
     return QuickstartResult(
         dataset=data_uri,
         run_dir=run_dir,

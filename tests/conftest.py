@@ -46,12 +46,6 @@ CLUSTER_GROUPS = {
 }
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "ends_platform: runs after the other modules on its platform (it stops it)"
-    )
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group the tests by the Ray cluster they use (module docstring); stable within a group."""
 

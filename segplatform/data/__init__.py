@@ -1,4 +1,4 @@
-"""Segmentation datasets as Parquet shards plus a manifest, on local disk or S3 (DESIGN §2.2).
+"""Segmentation datasets as Parquet shards plus a manifest, on local disk or S3 (README "Datasets").
 
 Public API: the format (:class:`DatasetInfo`, :class:`Sample`, :class:`DatasetWriter`,
 :func:`read_manifest`, :func:`validate_dataset`), storage resolution (:func:`resolve`,

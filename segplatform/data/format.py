@@ -1,4 +1,4 @@
-"""The segplatform dataset format (DESIGN §2.2): Parquet shards plus a ``dataset.json`` manifest.
+"""The segplatform dataset format (README "Datasets"): Parquet shards plus a ``dataset.json`` manifest.
 
 A dataset is a directory URI (local path, ``file://`` or ``s3://bucket/prefix``)::
 

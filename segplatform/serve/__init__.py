@@ -1,4 +1,4 @@
-"""Online segmentation endpoints on Ray Serve (DESIGN §2.5).
+"""Online segmentation endpoints on Ray Serve (README "Serving").
 
 - ``settings``: ``ServeSettings`` (limits, admission, batching, autoscaling, API key) and the
   Serve deployment options they imply;

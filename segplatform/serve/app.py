@@ -1,6 +1,6 @@
 """The Serve application: one deployment, ``SegmentationService``, with a FastAPI ingress.
 
-Routes (DESIGN §2.5):
+Routes (README "Serving"):
 
 - ``POST /v1/segment?format=png|json|overlay[&flip=true|false][&scales=0.75,1,1.25]``: the body
   is the image (``image/png``, ``image/jpeg``, ``image/webp``, ``image/tiff``, or

@@ -1,7 +1,7 @@
 """Request input handling of the endpoint: size caps, media types, multipart, image decoding.
 
 Everything here runs before the model and turns a bad request into a ``ClientError`` carrying
-the HTTP status and error code of DESIGN §2.5:
+the HTTP status and error code of the HTTP API (README "Serving"):
 
 - 413 ``body_too_large``: ``Content-Length`` over the cap (checked before reading anything), or
   a body without a length that grows over it while streamed in (reading stops at the cap);

@@ -1,4 +1,4 @@
-"""Distributed training on Ray Train (DESIGN §3): config, transforms, losses, worker loop, driver.
+"""Distributed training on Ray Train: config, transforms, losses, worker loop, driver.
 
     from segplatform.train import TrainConfig, run
     result = run(TrainConfig(arch="unet", data="s3://bucket/voc", max_iters=20_000, num_workers=8))

@@ -2,8 +2,8 @@
 
 A checkpoint directory holds
 
-- ``model/``: the model package (DESIGN §2.4: ``model.json`` + ``model.safetensors``), which is
-  what evaluation, prediction, serving and the registry use;
+- ``model/``: the model package (``segplatform.package``: ``model.json`` +
+  ``model.safetensors``), which is what evaluation, prediction, serving and the registry use;
 - ``train_state.pt``: ``TrainState`` (step, attempt, best mIoU), the optimizer, scheduler and
   grad-scaler states and every rank's RNG states; only tensors and plain containers, so it loads
   with ``torch.load(weights_only=True)`` (nothing is unpickled);

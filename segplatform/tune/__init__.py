@@ -1,4 +1,4 @@
-"""Hyperparameter sweeps on Ray Tune (DESIGN §3 "Tuning"): every trial is one training run.
+"""Hyperparameter sweeps on Ray Tune: every trial is one training run.
 
     from segplatform.train import TrainConfig
     from segplatform.tune import SweepConfig, load_space, run_sweep

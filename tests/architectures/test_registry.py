@@ -1,4 +1,5 @@
-"""The registry-wide contract (DESIGN §2.1), checked for every semantic entry of ARCHITECTURES.
+"""The registry-wide contract (the ``architectures`` package docstring), checked for every
+semantic entry of ARCHITECTURES.
 
 Each test runs the entry's ``tiny()`` config on CPU. Entries whose model class declares a
 non-semantic ``task`` (``mask_rcnn``: ``task = "instance"``) keep torchvision's detection contract

@@ -1,5 +1,5 @@
 """Images and requests for the serving tests: good images in every accepted mode and format,
-and the bad-input corpus with the status each case must get (DESIGN §2.5).
+and the bad-input corpus with the status each case must get (README "Serving").
 
 The corpus assumes the endpoint's test limits: ``max_body_bytes = BODY_LIMIT``,
 ``max_pixels = PIXEL_LIMIT``, ``min_side = MIN_SIDE``.

@@ -37,15 +37,19 @@ EVAL_EVERY = 50
 def quickstart(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import json
 
+    import mlflow
     import ray.train
 
     workdir = tmp_path_factory.mktemp("quickstart")
+    tracking_before = mlflow.get_tracking_uri()
     output = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(output):
         patch.delenv("RAY_ADDRESS", raising=False)
         status = main(["quickstart", "--workdir", str(workdir)])
     out = output.getvalue()
     assert status == 0, out[-5000:]
+    # The command asked its own registry; the process's MLflow settings are as they were.
+    assert mlflow.get_tracking_uri() == tracking_before
     (run_dir,) = (workdir / "runs").iterdir()
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     return {
