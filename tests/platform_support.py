@@ -230,9 +230,15 @@ PLATFORMS: dict[str, list[str]] = {
     "two-node": ["--nodes", "2", "--num-cpus", "1", "--timeout", "400"],
 }
 # Ray Train's controller polls its workers every 2 s by default, and every report and checkpoint
-# commit waits for a poll; the in-process test cluster polls every 0.5 s (what it changes is only
-# how long those waits last).
+# commit waits for a poll; the tests' training runs poll every 0.5 s (what it changes is only how
+# long those waits last): the in-process cluster has it in its environment, jobs submitted to a
+# platform in their runtime environment (``job_runtime_env``).
 TEST_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def job_runtime_env(**env_vars: str) -> str:
+    """``--runtime-env-json`` of a job the tests submit: ``TEST_RAY_ENV`` plus ``env_vars``."""
+    return json.dumps({"env_vars": {**TEST_RAY_ENV, **env_vars}})
 
 
 class RayClusters:

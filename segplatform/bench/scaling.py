@@ -32,6 +32,7 @@ network link per GPU between nodes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -147,21 +148,22 @@ def p8(ctx: Any) -> Any:
 
     section = Section()
     runs = ctx.shared.get("p1") or step_runs(ctx, plain=False)
-    ips1 = [r["images_per_s"] for r in runs["service w1"]]
     ips2 = [r["images_per_s"] for r in runs["service w2"]]
-    section.comparisons.append(
-        Comparison(
-            id="P8",
-            name="1 → 2 workers on this machine",
-            ours="service, 2 workers (total batch split)",
-            against="linear: 2 × the service with 1 worker",
-            quantity="images/s(2 workers) / (2 × images/s(1 worker))",
-            values=[b / (2 * a) for a, b in zip(ips1, ips2)],
-            arms={"2 workers": ips2, "1 worker": ips1},
-            arm_unit="img/s",
-            notes="one torch thread per worker, 2 cores shared with the decoding tasks",
+    if "service w1" in runs:  # not under --quick (P1 runs 2 workers only)
+        ips1 = [r["images_per_s"] for r in runs["service w1"]]
+        section.comparisons.append(
+            Comparison(
+                id="P8",
+                name="1 → 2 workers on this machine",
+                ours="service, 2 workers (total batch split)",
+                against="linear: 2 × the service with 1 worker",
+                quantity="images/s(2 workers) / (2 × images/s(1 worker))",
+                values=[b / (2 * a) for a, b in zip(ips1, ips2)],
+                arms={"2 workers": ips2, "1 worker": ips1},
+                arm_unit="img/s",
+                notes="one torch thread per worker, 2 cores shared with the decoding tasks",
+            )
         )
-    )
     # Gradient sizes: the main job's U-Net and DeepLab v3 ResNet-101.
     import torch
 
@@ -182,8 +184,12 @@ def p8(ctx: Any) -> Any:
     )
     times = {int(k): v for k, v in measured["times"].items()}
     alpha, bandwidth = fit_alpha_bandwidth(times, 2)
-    step1 = statistics.median(r["step_s"] for r in runs["service w1"])
     step2 = statistics.median(r["step_s"] for r in runs["service w2"])
+    step1 = (
+        statistics.median(r["step_s"] for r in runs["service w1"])
+        if "service w1" in runs
+        else math.nan
+    )
     rows = [
         [f"{size / 1e6:.1f} MB" + (" (U-Net 16 gradients)" if size == unet_bytes else ""),
          round(1000 * seconds, 2)]

@@ -1,7 +1,8 @@
 """The benchmark suite P1–P8: each comparison with both arms in the same run, side by side.
 
-``segplatform bench`` (``make bench``) runs it; ``--quick`` runs one tiny repetition of each, so
-that a test can check that the suite still runs (no timing is asserted anywhere in the tests).
+``segplatform bench`` (``make bench``) runs it; ``--quick`` runs one tiny repetition of each (P1
+with 2 workers only, so P8 leaves out its 1 → 2 workers comparison), so that a test can check
+that the suite still runs (no timing is asserted anywhere in the tests).
 
 Each comparison, our path against what it is measured against, and the target:
 

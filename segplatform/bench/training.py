@@ -256,13 +256,18 @@ def _settings(ctx: Any, **changes: Any) -> StepSettings:
     return replace(base, **changes)
 
 
+def worker_counts(ctx: Any) -> tuple[int, ...]:
+    """The service worker counts P1 compares (``--quick``: 2 only, the distributed path)."""
+    return (2,) if ctx.quick else (1, 2)
+
+
 def step_runs(ctx: Any, *, plain: bool = True) -> dict[str, list[dict[str, Any]]]:
     """The P1 arms, interleaved: plain (1 thread), service (1 worker), plain (2 threads),
     service (2 workers), ``ctx.repeats`` times; each run in a fresh process."""
     from segplatform.bench.common import run_child
 
     arms: list[tuple[str, str, StepSettings, int]] = []
-    for workers in (1, 2):
+    for workers in worker_counts(ctx):
         if plain:
             arms.append((f"plain t{workers}", "plain", _settings(ctx, threads=workers), workers))
         arms.append((f"service w{workers}", "service", _settings(ctx, workers=workers), 1))
@@ -288,7 +293,7 @@ def p1(ctx: Any) -> Any:
     ctx.shared["p1"] = runs
     settings = _settings(ctx)
     section = Section()
-    for workers in (1, 2):
+    for workers in worker_counts(ctx):
         service = [r["step_s"] for r in runs[f"service w{workers}"]]
         plain = [r["step_s"] for r in runs[f"plain t{workers}"]]
         section.comparisons.append(

@@ -30,6 +30,7 @@ from tests.platform_support import (
     RunningPlatform,
     alive_nodes,
     clean_env,
+    job_runtime_env,
     run_cli,
     run_venv,
     s3_client,
@@ -137,7 +138,7 @@ def submit(
     timeout: float = 420,
     submission_id: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    args = ["job", "submit", "--working-dir", str(REPO)]
+    args = ["job", "submit", "--working-dir", str(REPO), "--runtime-env-json", job_runtime_env()]
     if not wait:
         args.append("--no-wait")
     if submission_id:

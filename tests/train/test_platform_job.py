@@ -22,7 +22,6 @@ checks that ``down`` leaves nothing.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -33,6 +32,7 @@ import pytest
 from tests.platform_support import (
     RunningPlatform,
     clean_env,
+    job_runtime_env,
     run_venv,
     s3_client,
 )
@@ -77,7 +77,7 @@ def submitted(platform: Platform) -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
-    runtime_env = json.dumps({"env_vars": {"SEGPLATFORM_GIT_COMMIT": commit}})
+    runtime_env = job_runtime_env(SEGPLATFORM_GIT_COMMIT=commit)
     command = [
         "ray", "job", "submit", "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
         "python", "jobs/train_refinenet.py", "--tiny", "--data", data,
