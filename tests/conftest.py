@@ -46,14 +46,19 @@ CLUSTER_GROUPS = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group the tests by the Ray cluster they use (module docstring); stable within a group."""
+    """Group the tests by the Ray cluster they use (module docstring); stable within a group.
+    A test that needs a cluster is ``slow`` whether or not its module says so."""
 
     def group(item: pytest.Item) -> tuple[int, int]:
         names = getattr(item, "fixturenames", ())
         cluster = max((CLUSTER_GROUPS[n] for n in names if n in CLUSTER_GROUPS), default=0)
         return cluster, int(item.get_closest_marker("ends_platform") is not None)
 
+    for item in items:
+        if group(item)[0] > 0 and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
     items.sort(key=group)
 
 

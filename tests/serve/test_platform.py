@@ -14,8 +14,9 @@ file order and share that endpoint:
 2. alias move: a second, better version is trained and takes the alias while a client loop runs;
    responses switch to version 2 and no request fails;
 3. autoscaling and replica loss: under load the deployment goes to 2 replicas; one replica
-   process is killed and the endpoint answers 200 again within 30 s (the requests that failed on
-   the killed replica are counted); without load it goes back to 1 replica;
+   process is killed, Serve replaces it and reports 2 running replicas again, and every request
+   sent after that succeeds (the requests that failed around the loss are counted); without load
+   it goes back to 1 replica;
 4. Ctrl-C stops the command and its application;
 5. ``serve deploy deploy/serve.yaml`` (model pinned to a version) serves it, and the same file
    naming another version switches the endpoint to it.
@@ -311,6 +312,24 @@ def test_alias_move_without_failed_requests(served: Served, trainer) -> None:
     assert served.model_info()["version"] == "2"
 
 
+def running_replicas(platform: RunningPlatform) -> int:
+    """Running replicas of the test application's deployment, as Serve reports them (the
+    dashboard's REST API, with the platform's token)."""
+    exports = platform.exports
+    token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    reply = requests.get(
+        f"{exports['RAY_ADDRESS']}/api/serve/applications/",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    reply.raise_for_status()
+    application = reply.json()["applications"].get(APP) or {}
+    deployment = application.get("deployments", {}).get("SegmentationService", {})
+    if deployment.get("status") != "HEALTHY":
+        return 0
+    return int(deployment.get("replica_states", {}).get("RUNNING", 0))
+
+
 def test_autoscaling_and_replica_loss(served: Served) -> None:
     body = validation_png(served.data)
     assert len(replica_pids(APP)) == 1
@@ -329,21 +348,30 @@ def test_autoscaling_and_replica_loss(served: Served) -> None:
         )
         victim = pids[-1]
         os.kill(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
-        recovered = wait_for(
-            lambda: next((t for t, s, _ in loop.records if t > killed_at + 0.5 and s == 200), None),
-            30,
-            "no 200 within 30 s of the replica kill",
+        # Serve replaces the lost replica and reports the deployment healthy with both running.
+        wait_for(
+            lambda: set(replica_pids(APP)) - set(pids),
+            120,
+            "the killed replica was not replaced",
         )
-        time.sleep(3)
-    after_kill = [(t, s) for t, s, _ in loop.records if t >= killed_at - 60]
-    failed = [s for t, s in after_kill if s != 200]
+        wait_for(
+            lambda: running_replicas(served.platform) == 2,
+            120,
+            "the deployment is not back to 2 running replicas",
+        )
+        healthy_at = time.monotonic()
+        wait_for(
+            lambda: sum(1 for t, _, _ in loop.records if t > healthy_at) >= 20,
+            60,
+            "no traffic after the recovery",
+        )
+    failed = [s for _, s, _ in loop.records if s != 200]
     print(
-        f"replica loss: first 200 after the kill in {recovered - killed_at:.1f} s; "
-        f"{len(failed)} of {len(after_kill)} requests around it failed ({sorted(set(failed))})"
+        f"replica loss: {len(failed)} of {len(loop.records)} requests failed around it "
+        f"({sorted(set(failed))})"
     )
-    late = [s for t, s in after_kill if s != 200 and t > recovered + 5]
-    assert not late, f"requests still failing well after the endpoint recovered: {late}"
+    late = [s for t, s, _ in loop.records if t > healthy_at and s != 200]
+    assert not late, f"requests sent after the deployment recovered failed: {late}"
     began = time.monotonic()
     wait_for(lambda: len(replica_pids(APP)) == 1, 90, "the deployment did not scale back to 1")
     print(f"autoscaling: back to 1 replica {time.monotonic() - began:.1f} s after the load")
