@@ -51,9 +51,9 @@ class NoRunError(RuntimeError):
 # least the current holder's, on the same dataset and manifest version), "always" or "never".
 PROMOTION_POLICIES = ("if_better", "always", "never")
 # Tags that must match for two versions' scores to be compared.
+COMPARABLE_TAGS = ("dataset", "manifest_version", "dataset_revision")
 # How waiting for delivery ended (``RunTracker._wait_delivered``).
 _SENT, _UNREACHABLE, _TIMED_OUT = "sent", "unreachable", "timed out"
-COMPARABLE_TAGS = ("dataset", "manifest_version", "dataset_revision")
 
 
 @dataclass
