@@ -11,12 +11,15 @@ Routes (README "Serving"):
 - Errors: ``{"error": {"code", "message"}}`` with 4xx for client errors (``inputs.ClientError``),
   401 without the bearer key when one is set, 503 + ``Retry-After`` when the replica is full.
 
-Request path in a replica: bearer key, query options and admission (at most ``max_inflight``
-requests admitted; the next one gets a JSON 503 at once) come before the body is read; the body
-is read with its cap; decoding, inference and encoding run in worker threads, so the event loop
+Request path in a replica: bearer key and query options first; then the body, received in its
+own bounded stage (at most ``max_uploads`` bodies at once, each read with its size cap and
+within ``body_timeout_s``: 408 ``body_timeout`` beyond), so that clients sending slowly hold no
+model slot; then admission (at most ``max_inflight`` requests past their body; the next one gets
+a JSON 503 at once). Decoding, inference and encoding run in worker threads, so the event loop
 keeps answering health checks and overload 503s while the model works. Inference runs in one
 thread per replica (torch uses the replica's CPUs inside it), through ``@serve.batch`` when
-batching is on.
+batching is on. A client that hangs up cancels its request (Serve cancels the handler): a
+request waiting for its body, a slot or a batch leaves it at once and frees what it held.
 
 Hot reload: ``reconfigure(user_config)`` loads the model a changed config names (``serve
 deploy`` with a new ``user_config``); for ``models:/NAME@ALIAS`` a watcher thread resolves the
@@ -81,6 +84,7 @@ STATUS_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "image_not_accepted",
@@ -207,6 +211,7 @@ class SegmentationService:
         self._settings: ServeSettings | None = None
         self._served: Any = None  # segplatform.serve.model.ServedModel
         self._inflight = 0
+        self._uploading = 0
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="segplatform-infer")
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="segplatform-io")
         self._reload_lock = threading.Lock()
@@ -375,6 +380,30 @@ class SegmentationService:
         with contextlib.suppress(Exception):
             self._metrics.inflight.set(self._inflight)
 
+    async def _receive(self, request: Request) -> Upload:
+        """The request's body, in the upload stage (module docstring): 503 when
+        ``max_uploads`` bodies are being received, 408 when it takes over ``body_timeout_s``."""
+        settings = self._settings
+        if self._uploading >= settings.max_uploads:
+            raise ClientError(
+                503,
+                "overloaded",
+                f"the replica is receiving {self._uploading} request bodies; retry after "
+                f"{settings.retry_after_s} s",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
+        self._uploading += 1
+        try:
+            return await asyncio.wait_for(self._read_upload(request), settings.body_timeout_s)
+        except TimeoutError:
+            raise ClientError(
+                408,
+                "body_timeout",
+                f"the request body did not arrive within {settings.body_timeout_s:g} s",
+            ) from None
+        finally:
+            self._uploading -= 1
+
     async def _read_upload(self, request: Request) -> Upload:
         settings = self._settings
         check_content_length(request.headers.get("content-length"), settings.max_body_bytes)
@@ -449,11 +478,11 @@ class SegmentationService:
                     f"format={bad[:40]!r}: expected one of {', '.join(render.FORMATS)}",
                 )
             recipe = self._recipe(request)
+            upload = await self._receive(request)
             self._admit()
             try:
                 served = self._served
                 model_id = f"{served.ref.name}:{served.version}"
-                upload = await self._read_upload(request)
                 loop = asyncio.get_running_loop()
                 settings = self._settings
                 image = await loop.run_in_executor(
@@ -519,6 +548,8 @@ class SegmentationService:
         }
         info["limits"] = {
             "max_body_bytes": settings.max_body_bytes,
+            "body_timeout_s": settings.body_timeout_s,
+            "max_uploads_per_replica": settings.max_uploads,
             "max_pixels": settings.max_pixels,
             "min_side": served.min_side,
             "max_inflight_per_replica": settings.max_inflight,
@@ -536,6 +567,7 @@ class SegmentationService:
                 "status": "ok",
                 "model": {"name": served.ref.name, "version": served.version},
                 "inflight": self._inflight,
+                "uploading": self._uploading,
             }
         )
 

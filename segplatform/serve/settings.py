@@ -6,12 +6,15 @@
 scaling part becomes the deployment's options (``num_replicas`` or ``autoscaling_config``,
 ``max_ongoing_requests``, ``max_queued_requests``, ``ray_actor_options``).
 
-Admission control: a replica admits at most ``max_inflight`` requests at once (reading, decoding,
-waiting for or running the model); the next one gets a JSON 503 with ``Retry-After`` at once.
-Serve's own ``max_ongoing_requests`` is set above that (``max_inflight + ongoing_headroom``) so
-overflowing requests still reach a replica and get that JSON answer; Serve's router queue
-(``max_queued_requests``) is only a last resort (Serve answers it with a plain-text 503, which
-``retry_after_s`` gives a ``Retry-After`` header through Serve's ``BackpressureConfig``).
+Admission control, in two stages so that slow senders cannot take the model's slots: a replica
+receives at most ``max_uploads`` request bodies at once, each within ``body_timeout_s`` (408
+beyond); a request whose body has arrived then takes one of ``max_inflight`` slots (decoding,
+waiting for or running the model, encoding). A request that finds either stage full gets a JSON
+503 with ``Retry-After`` at once. Serve's own ``max_ongoing_requests`` is set above both
+(``max_uploads + max_inflight + ongoing_headroom``) so overflowing requests still reach a
+replica and get that JSON answer; Serve's router queue (``max_queued_requests``) is only a last
+resort (Serve answers it with a plain-text 503, which ``retry_after_s`` gives a ``Retry-After``
+header through Serve's ``BackpressureConfig``).
 
 Autoscaling fields are those of ``ray.serve.config.AutoscalingConfig`` (Ray 2.60):
 ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ``upscale_delay_s``,
@@ -52,6 +55,8 @@ REPLICA_FIELDS = (
     "model",
     "tracking_uri",
     "max_inflight",
+    "max_uploads",
+    "body_timeout_s",
     "max_body_bytes",
     "max_pixels",
     "min_side",
@@ -85,9 +90,11 @@ class ServeSettings:
     num_cpus: float = 1.0  # logical CPUs per replica
     num_gpus: float = 0.0  # GPUs per replica (1 puts each replica on its own GPU)
     max_queued_requests: int = 64  # Serve's router queue per deployment, beyond: Serve's 503
-    ongoing_headroom: int = 8  # max_ongoing_requests = max_inflight + this
+    ongoing_headroom: int = 8  # max_ongoing_requests = max_uploads + max_inflight + this
     # --- request handling (user_config) ---
     max_inflight: int = 4  # requests a replica admits at once; beyond: JSON 503 + Retry-After
+    max_uploads: int = 32  # request bodies a replica receives at once; beyond: JSON 503
+    body_timeout_s: float = 30.0  # the whole body must arrive within this; beyond: 408
     retry_after_s: int = 1  # Retry-After of overload answers (seconds)
     max_body_bytes: int = 32 << 20  # request body cap (413 beyond)
     max_pixels: int = 4096 * 4096  # width x height cap, checked on the header (413 beyond)
@@ -107,7 +114,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise SettingsError("model: a model URI is required")
-        positive = ("max_inflight", "max_body_bytes", "max_pixels", "max_batch_size")
+        positive = ("max_inflight", "max_uploads", "max_body_bytes", "max_pixels", "max_batch_size")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -116,6 +123,8 @@ class ServeSettings:
             raise SettingsError(f"num_replicas must be at least 1, got {self.num_replicas}")
         if self.min_side is not None and self.min_side < 1:
             raise SettingsError(f"min_side must be at least 1, got {self.min_side}")
+        if not self.body_timeout_s > 0:
+            raise SettingsError(f"body_timeout_s must be > 0, got {self.body_timeout_s!r}")
         if self.reload_interval_s < 0 or self.batch_wait_timeout_s < 0:
             raise SettingsError("reload_interval_s and batch_wait_timeout_s must be >= 0")
         if self.retry_after_s < 0 or self.ongoing_headroom < 0 or self.max_queued_requests < 1:
@@ -167,7 +176,7 @@ class ServeSettings:
 
     @property
     def max_ongoing_requests(self) -> int:
-        return self.max_inflight + self.ongoing_headroom
+        return self.max_uploads + self.max_inflight + self.ongoing_headroom
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options`` for these settings."""

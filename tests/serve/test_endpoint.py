@@ -5,14 +5,16 @@ unbatched, metrics and the web page in headless Chromium.
 The session's in-process Ray cluster and one Serve instance for the module, two applications on
 it (one replica each, a tiny U-Net): ``main`` at ``/`` (the corpus limits of ``corpus.py``,
 dynamic batching on, so every answer below also checks that batched inference gives
-``segment_image``'s labels) and ``guarded`` at ``/guarded`` (admits one request at a time,
-bearer key, no batching: the default on CPU).
+``segment_image``'s labels), ``guarded`` at ``/guarded`` (admits one request at a time,
+bearer key, no batching: the default on CPU) and ``trickle`` at ``/trickle`` (2 model slots,
+6 upload slots, bodies due within 3 s) for senders that never finish.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 import time
 import urllib.request
 import uuid
@@ -28,6 +30,7 @@ import requests
 from PIL import Image
 
 from segplatform.serve.settings import api_key_digest
+from tests.platform_support import wait_for
 from tests.serve.conftest import CLASSES, PALETTE, free_port, replica_pids
 from tests.serve.corpus import (
     BODY_LIMIT,
@@ -86,6 +89,7 @@ def endpoint(ray_cluster: None, tiny_package: str) -> Iterator[Endpoint]:
             "ongoing_headroom": 16,
             "api_key_sha256": api_key_digest(API_KEY),
         },
+        "trickle": {**common, "max_inflight": 2, "max_uploads": 6, "body_timeout_s": 3.0},
     }
     apps = {role: f"{role}-{suffix}" for role in settings}
     try:
@@ -280,6 +284,53 @@ def test_overload_answers_fast_json_503_and_accepted_requests_succeed(
             with Image.open(io.BytesIO(response.content)) as mask:
                 assert mask.size == (700, 700)
     print(f"overload: {statuses.count(200)} accepted, {statuses.count(503)} refused")
+
+
+def _trickle(host: str, port: int, path: str) -> socket.socket:
+    """A connection that announces a 200 kB PNG body and sends 64 bytes of it, then nothing."""
+    sock = socket.create_connection((host, port), timeout=60)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
+        "Content-Length: 200000\r\nConnection: close\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b"\x89PNG\r\n\x1a\n" + b"\0" * 56)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the response on ``sock`` (read until the server closes)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():  # one chunk: "<size>\r\n<data>\r\n0..."
+        body = body.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+    return status, json.loads(body)
+
+
+def test_slow_senders_hold_no_model_slot(endpoint: Endpoint) -> None:
+    """2 x max_inflight clients that announce a body and never send it are received in the
+    upload stage: meanwhile normal requests are answered 200, and each slow sender gets a JSON
+    408 once its body is overdue."""
+    host, port = endpoint.base.removeprefix("http://").split(":")
+    health = endpoint.url("trickle", "/v1/health")
+    slow = [_trickle(host, int(port), "/trickle/v1/segment") for _ in range(4)]
+    wait_for(
+        lambda: requests.get(health, timeout=10).json()["uploading"] == 4,
+        60,
+        "the slow bodies did not reach the replica's upload stage",
+    )
+    body = encode(Image.fromarray(noise_rgb(40, 40, seed=5)), "PNG")
+    for _ in range(3):
+        response = post(endpoint.url("trickle", "/v1/segment"), body, "image/png")
+        assert response.status_code == 200, response.text
+    assert requests.get(health, timeout=10).json()["uploading"] == 4  # still held meanwhile
+    for sock in slow:
+        status, answer = _answer(sock)
+        assert status == 408 and answer["error"]["code"] == "body_timeout", answer
+    assert requests.get(health, timeout=10).json()["uploading"] == 0
 
 
 def test_api_key(endpoint: Endpoint) -> None:

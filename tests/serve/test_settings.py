@@ -23,7 +23,9 @@ def test_settings_defaults_and_deployment_options() -> None:
     settings = ServeSettings(model="models:/unet@champion")
     options = settings.deployment_options()
     assert options["num_replicas"] == 1 and "autoscaling_config" not in options
-    assert options["max_ongoing_requests"] == settings.max_inflight + settings.ongoing_headroom
+    assert options["max_ongoing_requests"] == (
+        settings.max_uploads + settings.max_inflight + settings.ongoing_headroom
+    )
     assert options["backpressure_config"] == {"retry_after_s": 1}
     assert options["user_config"]["model"] == "models:/unet@champion"
     assert "num_replicas" not in options["user_config"]
@@ -38,6 +40,8 @@ def test_settings_defaults_and_deployment_options() -> None:
     [
         ({"model": ""}, "model"),
         ({"model": "x", "max_inflight": 0}, "max_inflight"),
+        ({"model": "x", "max_uploads": 0}, "max_uploads"),
+        ({"model": "x", "body_timeout_s": 0}, "body_timeout_s"),
         ({"model": "x", "autoscaling": {"max_replica": 2}}, "unknown field"),
         ({"model": "x", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
         ({"model": "x", "api_key_sha256": "secret"}, "api_key_sha256"),
