@@ -3,7 +3,8 @@
 Drop or choose an image: the page posts it to ``v1/segment?format=overlay`` and
 ``v1/segment?format=json`` (relative to its own address, so it works under any route prefix),
 shows the overlay, a legend of the model's classes (from ``v1/model``) and the per-class areas.
-An API key field appears when the endpoint answers 401. No external scripts, styles or fonts.
+An API key field appears when the endpoint answers 401. No external scripts, styles or fonts,
+and no icon to fetch: the page requests nothing but the endpoint's own routes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>segplatform</title>
+<link rel="icon" href="data:,">
 <style>
   body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; max-width: 70rem; }
   h1 { font-size: 1.3rem; margin: 0 0 .3rem 0; }

@@ -164,7 +164,17 @@ def test_formats_match_segment_image(endpoint: Endpoint, reference) -> None:
     blended = post(url, body, "image/png", format="overlay")
     assert blended.status_code == 200
     with Image.open(io.BytesIO(blended.content)) as image:
-        assert image.mode == "RGB" and image.width == 160 and image.height > 45  # + legend
+        # 70 x 45 is enlarged 8 times (to at least 512 wide), each pixel a sharp 8 x 8 square,
+        # above a legend drawn at its fixed size.
+        assert image.mode == "RGB" and image.width == 560 and image.height > 360  # + legend
+        picture = np.asarray(image)[:360]
+    assert (picture.reshape(45, 8, 70, 8, 3) == picture[::8, ::8][:, None, :, None]).all()
+    legend_band = image.height - 360
+    large = post(url, encode(Image.fromarray(noise_rgb(600, 700, seed=3)), "PNG"), "image/png",
+                 format="overlay")  # fmt: skip
+    with Image.open(io.BytesIO(large.content)) as image:
+        assert image.width == 700 and image.height > 600  # not enlarged: 512 wide or more
+        assert legend_band > 14  # the legend's text is at least 14 px high
 
     multipart = requests.post(
         url, files={"file": ("scan.png", body, "image/png")}, params={"format": "png"}, timeout=60
@@ -437,6 +447,12 @@ def test_web_page_in_headless_chromium(endpoint: Endpoint, artifacts_dir: Path, 
         )
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 800})
+            failed: list[str] = []  # every request the page makes must succeed
+            page.on(
+                "response",
+                lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+            )
+            page.on("requestfailed", lambda r: failed.append(f"failed {r.url}"))
             page.goto(endpoint.url("main", "/"))
             page.wait_for_selector("#legend li", timeout=30_000)
             page.set_input_files("#file", str(image_path))
@@ -446,8 +462,9 @@ def test_web_page_in_headless_chromium(endpoint: Endpoint, artifacts_dir: Path, 
             page.wait_for_selector("#areas tbody tr", timeout=30_000)
             legend = page.locator("#legend li").all_inner_texts()
             assert legend == list(CLASSES)
-            assert page.eval_on_selector("#overlay", "img => img.naturalWidth") == 160
+            assert page.eval_on_selector("#overlay", "img => img.naturalWidth") == 640
             assert page.locator("#error").inner_text() == ""
+            assert failed == []
             shot = artifacts_dir / "serve-page.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
