@@ -24,12 +24,16 @@ request waiting for its body, a slot or a batch leaves it at once and frees what
 Hot reload: ``reconfigure(user_config)`` loads the model a changed config names (``serve
 deploy`` with a new ``user_config``); for ``models:/NAME@ALIAS`` a watcher thread resolves the
 alias every ``reload_interval_s`` and, when it moved, loads the new version beside the old one
-and swaps them: requests in flight finish on the model they started with, none fails.
+and swaps them: requests in flight finish on the model they started with, none fails. When the
+registry does not answer or the new version cannot be loaded, the old version keeps serving,
+``/v1/model`` says why under ``reload_error`` (cleared once a check succeeds), the counter
+``segplatform_serve_reload_failures`` counts it, and the watcher tries again every interval.
 
 Metrics (``ray.util.metrics``, exported with Ray's metrics to Prometheus and the dashboard, with
 the ``ray_`` prefix): ``segplatform_serve_requests`` (counter; route, status, format, model),
 ``segplatform_serve_latency_s`` (histogram; route, status), ``segplatform_serve_batch_size``
-(histogram), ``segplatform_serve_inflight`` (gauge). Serve's own ``ray_serve_*`` metrics come
+(histogram), ``segplatform_serve_inflight`` (gauge), ``segplatform_serve_reload_failures``
+(counter; model). Serve's own ``ray_serve_*`` metrics come
 with every deployment.
 
 Serve facts relied on (Ray 2.60, checked here): ``HTTPException``-like answers keep their status;
@@ -170,6 +174,11 @@ class _Metrics:
             "segplatform_serve_inflight",
             description="Requests admitted by the replica and not yet answered.",
         )
+        self.reload_failures = metrics.Counter(
+            "segplatform_serve_reload_failures",
+            description="Alias checks or loads of a new version that failed (the old one serves).",
+            tag_keys=("model",),
+        )
 
     def record(self, route: str, status: int, fmt: str, model: str, seconds: float) -> None:
         with contextlib.suppress(Exception):  # metrics never fail a request
@@ -217,7 +226,7 @@ class SegmentationService:
         self._reload_lock = threading.Lock()
         self._watch_stop: threading.Event | None = None
         self._metrics = _Metrics()
-        self._last_watch_error = ""
+        self._reload_error: dict[str, Any] | None = None  # the alias watch's last failure
         self._key_digest: str | None = None
         if settings is not None:
             self.reconfigure(settings)
@@ -287,10 +296,12 @@ class SegmentationService:
         from segplatform.serve.model import load_served_model, resolve_alias
 
         while not stop.wait(settings.reload_interval_s):
+            version = None
             try:
                 served = self._served
                 version = resolve_alias(served.ref, settings.tracking_uri)
                 if version == served.version:
+                    self._reload_error = None
                     continue
                 with self._reload_lock:
                     if stop.is_set():
@@ -310,12 +321,31 @@ class SegmentationService:
                     version,
                     served.version,
                 )
-                self._last_watch_error = ""
-            except Exception as error:  # the registry is down: keep serving, say it once
-                text = f"{type(error).__name__}: {error}"
-                if text != self._last_watch_error:
-                    logger.warning("alias watch of %s failed: %s", settings.model, text)
-                    self._last_watch_error = text
+                self._reload_error = None
+            except Exception as error:  # registry down, version unloadable: keep serving, retry
+                text = f"{type(error).__name__}: {error}"[:2000]
+                failing = str(version) if version is not None else None
+                previous = self._reload_error
+                if previous is None or (previous["message"], previous["version"]) != (
+                    text,
+                    failing,
+                ):
+                    logger.warning(
+                        "alias watch of %s failed (version %s keeps serving; retrying every "
+                        "%g s): %s",
+                        settings.model,
+                        self._served.version,
+                        settings.reload_interval_s,
+                        text,
+                    )
+                    self._reload_error = {
+                        "message": text,
+                        "version": failing,  # the version the alias names (None: not resolved)
+                        "since": time.time(),
+                        "serving": self._served.version,
+                    }
+                with contextlib.suppress(Exception):
+                    self._metrics.reload_failures.inc(1, tags={"model": self._served.ref.name})
 
     def check_health(self) -> None:
         """Serve's health check: a replica without a model is unhealthy."""
@@ -556,6 +586,7 @@ class SegmentationService:
         }
         info["batching"] = self._batching()
         info["follows_alias"] = served.ref.follows_alias and settings.reload_interval_s > 0
+        info["reload_error"] = self._reload_error
         self._metrics.record("/v1/model", 200, "-", "-", time.perf_counter() - began)
         return JSONResponse(info)
 

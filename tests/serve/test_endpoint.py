@@ -472,3 +472,93 @@ def test_web_page_in_headless_chromium(endpoint: Endpoint, artifacts_dir: Path, 
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
     print(json.dumps({"legend": legend}))
+
+
+def _register(tracking_uri: str, package: str | Path, buffer: Path, name: str) -> str:
+    """Log ``package`` as a run's ``model`` and register it as a version of ``name`` holding
+    the alias ``champion``; the version number."""
+    from segplatform.tracking import RunTracker
+
+    tracker = RunTracker(tracking_uri, "watched", f"v-{buffer.name}", buffer_dir=buffer)
+    tracker.log_artifacts(package, "model")
+    tracker.register_model("model", name, alias="champion", promote="always")
+    assert tracker.finish(timeout=60)
+    (registration,) = tracker.registrations
+    return registration.version
+
+
+def test_alias_watch_keeps_serving_through_a_version_that_cannot_load(
+    endpoint: Endpoint, tiny_package: str, tmp_path: Path
+) -> None:
+    """The alias moves to a version whose weights are broken: version 1 keeps answering,
+    ``/v1/model`` says which version failed and why, the failure counter rises; once the alias
+    moves to a good version the watcher (which kept retrying) serves it and the error clears."""
+    import shutil
+
+    from ray import serve
+
+    from segplatform.serve.app import build_app
+
+    tracking = f"sqlite:///{tmp_path / 'registry.db'}"
+    name = "watched-" + uuid.uuid4().hex[:6]
+    assert _register(tracking, tiny_package, tmp_path / "b1", name) == "1"
+    app = f"watched-{uuid.uuid4().hex[:8]}"
+    settings = {
+        "model": f"models:/{name}@champion",
+        "tracking_uri": tracking,
+        "num_cpus": 0.5,
+        "reload_interval_s": 0.5,
+        "torch_threads": 1,
+    }
+    serve.run(build_app(settings), name=app, route_prefix="/watched")
+    try:
+        info_url = endpoint.base + "/watched/v1/model"
+        segment_url = endpoint.base + "/watched/v1/segment"
+        body = encode(Image.fromarray(noise_rgb(40, 40)), "PNG")
+        first = requests.get(info_url, timeout=10).json()
+        assert (first["version"], first["reload_error"]) == ("1", None)
+
+        broken = tmp_path / "broken" / "model"
+        shutil.copytree(tiny_package, broken)
+        (broken / "model.safetensors").write_bytes(b"these are not weights")
+        assert _register(tracking, broken, tmp_path / "b2", name) == "2"
+        failed = wait_for(
+            lambda: requests.get(info_url, timeout=10).json()["reload_error"],
+            60,
+            "the failed load of version 2 does not show in /v1/model",
+        )
+        assert failed["version"] == "2" and failed["serving"] == "1" and failed["message"]
+        answer = post(segment_url, body, "image/png")
+        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "1"
+        assert requests.get(info_url, timeout=10).json()["version"] == "1"
+
+        import ray
+
+        node = ray._private.worker.global_worker.node
+        metrics_url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+
+        def failures() -> bool:
+            with urllib.request.urlopen(metrics_url, timeout=5) as response:
+                text = response.read().decode()
+            return any(
+                line.startswith("ray_segplatform_serve_reload_failures")
+                and f'model="{name}"' in line
+                and float(line.rsplit(" ", 1)[1]) > 0
+                for line in text.splitlines()
+            )
+
+        wait_for(failures, 60, "no reload failure in the metrics")
+
+        assert _register(tracking, tiny_package, tmp_path / "b3", name) == "3"
+        recovered = wait_for(
+            lambda: (lambda info: info if info["version"] == "3" else None)(
+                requests.get(info_url, timeout=10).json()
+            ),
+            60,
+            "the watcher did not move on to version 3",
+        )
+        assert recovered["reload_error"] is None
+        answer = post(segment_url, body, "image/png")
+        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "3"
+    finally:
+        serve.delete(app)
