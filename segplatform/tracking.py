@@ -158,30 +158,81 @@ class _Delivery:
         )
         alias = args.get("alias")
         moved, reason = False, "no alias requested"
-        if alias:
-            moved, reason = self._promotion(name, alias, args.get("promote", "always"), args)
+        policy = args.get("promote", "always")
+        if alias and policy == "if_better":
+            moved, reason = self._promote_if_better(name, alias, version)
+        elif alias:
+            moved, reason = self._promotion(name, alias, policy, version.tags or {}, None)
+            if moved:
+                self.client.set_registered_model_alias(name, alias, version.version)
+        if alias:  # the decision, last: a version without it is still deciding (see below)
             self.client.set_model_version_tag(name, version.version, "promotion", reason)
-        if moved:
-            self.client.set_registered_model_alias(name, alias, version.version)
         self.registrations.append(
             Registration(name, str(version.version), alias if moved else None, reason)
         )
 
-    def _promotion(
-        self, name: str, alias: str, policy: str, args: dict[str, Any]
-    ) -> tuple[bool, str]:
-        """Whether the new version takes ``alias``, and why (see ``PROMOTION_POLICIES``)."""
+    def _holder(self, name: str, alias: str) -> Any:
         from mlflow.exceptions import MlflowException
 
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:  # no version holds the alias yet
+            return None
+
+    def _promote_if_better(self, name: str, alias: str, version: Any) -> tuple[bool, str]:
+        """``if_better``, safe against registrations deciding at the same time.
+
+        Reading the holder and then moving the alias is not atomic: two registrations that read
+        the same holder would both move it, and the later write would win even if its version
+        scored lower. So each one considers, besides the holder, every version that is still
+        deciding (registered after the holder, no ``promotion`` tag yet): the alias goes to the
+        best of them by the rule of ``_promotion`` (the newest on a tie), and the registration
+        reads the holder again until it is that version. Whichever finishes last then leaves
+        the alias on the best of the concurrent versions, as if they had come one at a time.
+        """
+        mine = str(version.version)
+        reason = ""
+        for _ in range(20):
+            holder = self._holder(name, alias)
+            held = None if holder is None else str(holder.version)
+            deciding = {
+                str(v.version): v
+                for v in self.client.search_model_versions(f"name = '{name}'")
+                if "promotion" not in (v.tags or {})
+                and (held is None or int(v.version) > int(held))
+            }
+            deciding[mine] = version
+            best = holder
+            for key in sorted(deciding, key=int):  # in registration order, one at a time
+                contender = deciding[key]
+                takes, why = self._promotion(name, alias, "if_better", contender.tags or {}, best)
+                if takes:
+                    best = contender
+                if key == mine and not reason:
+                    reason = why  # my version against what held the alias before it
+            if best is None or str(best.version) == held:
+                break
+            self.client.set_registered_model_alias(name, alias, best.version)
+        holder = self._holder(name, alias)
+        moved = holder is not None and str(holder.version) == mine
+        if not moved and holder is not None and not reason.startswith(f"{alias} stays"):
+            reason = (
+                f"{alias} stays on version {holder.version}, registered at the same time and "
+                "scoring at least as well"
+            )
+        return moved, reason
+
+    def _promotion(
+        self, name: str, alias: str, policy: str, tags: dict[str, str], current: Any
+    ) -> tuple[bool, str]:
+        """Whether a version with ``tags`` takes ``alias`` from ``current`` (its holder, or
+        None), and why (see ``PROMOTION_POLICIES``)."""
         if policy == "never":
             return False, f"promote=never: {alias} not moved"
         if policy == "always":
             return True, f"promote=always: {alias} moved"
-        try:
-            current = self.client.get_model_version_by_alias(name, alias)
-        except MlflowException:  # no version holds the alias yet
+        if current is None:
             return True, f"first {alias}"
-        tags = args.get("tags") or {}
         held = f"version {current.version}"
         if any(current.tags.get(key) != tags.get(key) for key in COMPARABLE_TAGS):
             return True, f"{alias} moved from {held}, trained on other data (scores not comparable)"

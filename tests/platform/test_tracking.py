@@ -150,3 +150,35 @@ def test_champion_moves_only_to_a_version_at_least_as_good_on_the_same_data(tmp_
     assert client.get_model_version("m", worse.version).tags["promotion"] == worse.reason
     with pytest.raises(ValueError, match="promote must be one of"):
         RunTracker.register_model(None, "model", "m", promote="sometimes")
+
+
+def test_concurrent_registrations_leave_the_champion_on_the_best(tmp_path, sqlite_uri):
+    """Registrations that decide at the same time (each reads the holder, then moves the
+    alias) end with the alias on the best of them, whatever order their writes land in."""
+    import threading
+
+    first = _register(sqlite_uri, tmp_path, "race", 0.3)
+    assert first.alias == "champion"
+    scores = [0.61, 0.42, 0.58, 0.35, 0.49, 0.66, 0.52, 0.44]
+    start = threading.Barrier(len(scores))
+    results: dict[float, object] = {}
+
+    def register(score: float) -> None:
+        start.wait()
+        results[score] = _register(sqlite_uri, tmp_path, "race", score)
+
+    threads = [threading.Thread(target=register, args=(score,)) for score in scores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(results) == len(scores)
+    client = MlflowClient(sqlite_uri)
+    champion = client.get_model_version_by_alias("race", "champion")
+    assert float(champion.tags["val_miou"]) == max(scores)
+    # Each registration says where the alias went; only the best one says it moved to it.
+    moved = [r for r in results.values() if r.alias == "champion"]
+    assert [r.version for r in moved] == [str(champion.version)]
+    for registration in results.values():
+        tag = client.get_model_version("race", registration.version).tags["promotion"]
+        assert tag == registration.reason
