@@ -52,6 +52,10 @@ class NoRunError(RuntimeError):
 PROMOTION_POLICIES = ("if_better", "always", "never")
 # Tags that must match for two versions' scores to be compared.
 COMPARABLE_TAGS = ("dataset", "manifest_version", "dataset_revision")
+# The ``promotion`` tag of a version whose if_better decision is under way, and how long one
+# may take (``_Delivery._promote_if_better``).
+DECIDING = "deciding (if_better)"
+DECIDING_S = 600.0
 # How waiting for delivery ended (``RunTracker._wait_delivered``).
 _SENT, _UNREACHABLE, _TIMED_OUT = "sent", "unreachable", "timed out"
 
@@ -153,12 +157,15 @@ class _Delivery:
             if "RESOURCE_ALREADY_EXISTS" not in str(err) and "already exists" not in str(err):
                 raise
         source = f"runs:/{run_id}/{args['artifact_path']}"
-        version = self.client.create_model_version(
-            name, source=source, run_id=run_id, tags=args.get("tags") or None
-        )
         alias = args.get("alias")
-        moved, reason = False, "no alias requested"
         policy = args.get("promote", "always")
+        tags = dict(args.get("tags") or {})
+        if alias and policy == "if_better":
+            tags["promotion"] = DECIDING  # replaced by the decision below
+        version = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags=tags or None
+        )
+        moved, reason = False, "no alias requested"
         if alias and policy == "if_better":
             moved, reason = self._promote_if_better(name, alias, version)
         elif alias:
@@ -185,20 +192,24 @@ class _Delivery:
         Reading the holder and then moving the alias is not atomic: two registrations that read
         the same holder would both move it, and the later write would win even if its version
         scored lower. So each one considers, besides the holder, every version that is still
-        deciding (registered after the holder, no ``promotion`` tag yet): the alias goes to the
-        best of them by the rule of ``_promotion`` (the newest on a tie), and the registration
-        reads the holder again until it is that version. Whichever finishes last then leaves
-        the alias on the best of the concurrent versions, as if they had come one at a time.
+        deciding (registered after the holder with ``promotion`` = ``DECIDING``, within the last
+        ``DECIDING_S`` seconds: a registration that died half-way does not count for ever): the
+        alias goes to the best of them by the rule of ``_promotion`` (the newest on a tie), and
+        the registration reads the holder again until it is that version. Whichever finishes
+        last then leaves the alias on the best of the concurrent versions, as if they had come
+        one at a time.
         """
         mine = str(version.version)
         reason = ""
         for _ in range(20):
             holder = self._holder(name, alias)
             held = None if holder is None else str(holder.version)
+            recent = time.time() * 1000 - DECIDING_S * 1000
             deciding = {
                 str(v.version): v
                 for v in self.client.search_model_versions(f"name = '{name}'")
-                if "promotion" not in (v.tags or {})
+                if (v.tags or {}).get("promotion") == DECIDING
+                and (v.creation_timestamp or 0) >= recent
                 and (held is None or int(v.version) > int(held))
             }
             deciding[mine] = version
