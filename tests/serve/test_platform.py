@@ -330,7 +330,6 @@ def serve_deployment(platform: RunningPlatform) -> dict:
     return application.get("deployments", {}).get("SegmentationService", {})
 
 
-
 def test_autoscaling_and_replica_loss(served: Served) -> None:
     body = validation_png(served.data)
     assert len(replica_pids(APP)) == 1
