@@ -6,7 +6,9 @@ at stride 8) and the output stride (§3.1, Table 1: 8 is denser and costlier tha
 learning rate log-uniform around the recipe's. Every trial is one run of
 ``jobs/train_deeplab_v3.py``'s recipe (from scratch, or the paper's with
 ``--pretrained-backbone``) with the sampled values; ASHA stops poor trials at their early
-evaluations, and ``--register-as`` registers the best trial's best checkpoint.
+evaluations, and ``--register-as`` registers the best trial's best checkpoint. The space is
+the deeplab_v3 preset of ``segplatform.tune.presets`` (with multi-grid and weight
+decay), where every sweep of DeepLab v3 reads it; ``--space FILE`` replaces it.
 
 Usage:
     ray job submit --working-dir . -- python jobs/sweep_deeplab_v3.py \
@@ -26,20 +28,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import job_recipe
 from segplatform.tune.cli import sweep_main
 
-SPACE = {
-    "arch": "deeplab_v3",
-    "description": "DeepLab v3: ASPP atrous rates x output stride x learning rate",
-    "params": {
-        "atrous_rates": {"choice": [[6, 12, 18], [3, 6, 9], [12, 24, 36]]},
-        "output_stride": {"choice": [8, 16]},
-        "lr": {"loguniform": [1.0e-4, 1.0e-2]},
-    },
-}
-
-
 if __name__ == "__main__":
-    recipe = job_recipe(Path(__file__).with_name("train_deeplab_v3.py"))
-    sys.exit(sweep_main(prog="jobs/sweep_deeplab_v3.py", recipe=recipe, default_space=SPACE))
+    sys.exit(sweep_main(prog="jobs/sweep_deeplab_v3.py", arch="deeplab_v3"))

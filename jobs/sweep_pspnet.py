@@ -3,9 +3,11 @@
 The knobs of Zhao et al., "Pyramid Scene Parsing Network" (CVPR 2017, arXiv:1612.01105): the
 pyramid pooling bins (Table 1: B1 = (1) against B1236 = (1, 2, 3, 6)) and the weight of the
 auxiliary loss on layer3 (Table 2; 0.4 in the paper), with the learning rate log-uniform around
-the recipe's. Every trial is one run of ``jobs/train_pspnet.py``'s recipe (from scratch, or the
-paper's with ``--pretrained-backbone``) with the sampled values; ASHA stops poor trials at their
-early evaluations, and ``--register-as`` registers the best trial's best checkpoint.
+the recipe's. Every trial is one run of the recipe ``jobs/train_pspnet.py`` resolves (from
+scratch, or the paper's with ``--pretrained-backbone``) with the sampled values; ASHA stops poor
+trials at their early evaluations, and ``--register-as`` registers the best trial's best
+checkpoint. The space is the pspnet preset of ``segplatform.tune.presets``, where every sweep of
+PSPNet reads it; ``--space FILE`` replaces it.
 
 Usage:
     ray job submit --working-dir . -- python jobs/sweep_pspnet.py \
@@ -25,20 +27,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import job_recipe
 from segplatform.tune.cli import sweep_main
 
-SPACE = {
-    "arch": "pspnet",
-    "description": "PSPNet: pyramid bins x auxiliary loss weight x learning rate",
-    "params": {
-        "bins": {"choice": [[1], [1, 2, 3, 6], [1, 2, 4, 8]]},
-        "aux_weight": {"choice": [0.2, 0.4, 1.0]},
-        "lr": {"loguniform": [1.0e-4, 1.0e-2]},
-    },
-}
-
-
 if __name__ == "__main__":
-    recipe = job_recipe(Path(__file__).with_name("train_pspnet.py"))
-    sys.exit(sweep_main(prog="jobs/sweep_pspnet.py", recipe=recipe, default_space=SPACE))
+    sys.exit(sweep_main(prog="jobs/sweep_pspnet.py", arch="pspnet"))

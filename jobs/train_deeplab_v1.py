@@ -16,6 +16,9 @@ from its total batch of 20 to ``batch_size × workers × grad_accum`` (``--lr`` 
 Deviations: the step schedule is replaced by the poly schedule (power 0.9) used from DeepLab v2
 on; the classifier's 10× rate applies to every non-backbone parameter (head_lr_mult).
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_deeplab_v1.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -31,31 +34,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="deeplab_v1",
-    crop_size=(306, 306),
-    scale_range=(1.0, 1.0),
-    batch_size=2,
-    max_iters=6000,
-    optimizer="sgd",
-    lr=0.001,
-    momentum=0.9,
-    weight_decay=0.0005,
-    poly_power=0.9,
-    head_lr_mult=10.0,
-    loss="ce",
-    eval_recipe={"crf": False},
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER),
-    reference_batch=20,
-    description="DeepLab v1: SGD lr 1e-3 (batch 20, head x10), momentum 0.9, 6000 iterations.",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("deeplab_v1"))

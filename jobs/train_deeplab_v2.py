@@ -16,6 +16,9 @@ from its total batch of 10 to ``batch_size × workers × grad_accum`` (``--lr`` 
 Deviations: none in the schedule; the multi-scale-input training (MSC) and COCO pre-training of the
 best VOC model are not part of this recipe.
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_deeplab_v2.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -31,30 +34,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="deeplab_v2",
-    crop_size=(321, 321),
-    scale_range=(0.5, 1.5),
-    batch_size=2,
-    max_iters=20000,
-    optimizer="sgd",
-    lr=0.00025,
-    momentum=0.9,
-    weight_decay=0.0005,
-    poly_power=0.9,
-    head_lr_mult=10.0,
-    loss="ce",
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER),
-    reference_batch=10,
-    description="DeepLab v2: poly lr 2.5e-4 (batch 10, head x10), 20K iterations, 321 crops.",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("deeplab_v2"))

@@ -16,6 +16,9 @@ from its total batch of 16 to ``batch_size × workers × grad_accum`` (``--lr`` 
 Deviations: weight decay 1e-4 and momentum 0.9 are the official code's defaults; the second
 stage (output stride 8, frozen batch norm) is a separate run with --arch-param output_stride=8.
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_deeplab_v3.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -31,30 +34,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="deeplab_v3",
-    crop_size=(513, 513),
-    scale_range=(0.5, 2.0),
-    batch_size=2,
-    max_iters=30000,
-    optimizer="sgd",
-    lr=0.007,
-    momentum=0.9,
-    weight_decay=0.0001,
-    poly_power=0.9,
-    loss="ce",
-    arch_params={"output_stride": 16},
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER),
-    reference_batch=16,
-    description="DeepLab v3: poly lr 0.007 (batch 16), 30K iterations, 513 crops, OS 16.",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("deeplab_v3"))

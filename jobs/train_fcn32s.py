@@ -18,6 +18,9 @@ rate; each job here trains from the backbone with the FCN-32s rate. Biases do no
 learning rate. Images are cropped/padded to 512×512 so a batch stacks (VOC images are ≤ 500 px).
 The paper gives no iteration count for VOC: 50 epochs.
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_fcn32s.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -33,30 +36,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="fcn32s",
-    crop_size=(512, 512),
-    scale_range=(1.0, 1.0),
-    batch_size=2,
-    max_iters=None,
-    epochs=50,
-    optimizer="sgd",
-    lr=0.0001,
-    momentum=0.9,
-    weight_decay=0.0005,
-    poly_power=0.0,
-    loss="ce",
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER),
-    reference_batch=20,
-    description="FCN-32s: SGD lr 1e-4 (batch 20), momentum 0.9, wd 5e-4, fixed lr, whole images.",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("fcn32s"))

@@ -17,6 +17,9 @@ Deviations: the step decay is replaced by the poly schedule; images are padded/c
 800×800 so that a batch stacks; instances come from the dataset's instance map or connected
 components of its mask (segplatform.detection.targets_from_masks).
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_mask_rcnn.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -32,31 +35,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="mask_rcnn",
-    crop_size=(800, 800),
-    scale_range=(1.0, 1.0),
-    batch_size=2,
-    max_iters=160000,
-    optimizer="sgd",
-    lr=0.02,
-    momentum=0.9,
-    weight_decay=0.0001,
-    poly_power=0.9,
-    warmup_iters=500,
-    warmup_factor=0.333,
-    grad_clip=None,
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER),
-    reference_batch=16,
-    description="Mask R-CNN: SGD lr 0.02 (batch 16), momentum 0.9, wd 1e-4, 160K iterations.",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("mask_rcnn"))

@@ -15,6 +15,9 @@ from its total batch of 16 to ``batch_size × workers × grad_accum`` (``--lr`` 
 
 Deviations: random rotation (-10..10 degrees) and Gaussian blur are not applied.
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_pspnet.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -30,30 +33,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="pspnet",
-    crop_size=(473, 473),
-    scale_range=(0.5, 2.0),
-    batch_size=2,
-    max_iters=30000,
-    optimizer="sgd",
-    lr=0.01,
-    momentum=0.9,
-    weight_decay=0.0001,
-    poly_power=0.9,
-    head_lr_mult=10.0,
-    loss="ce",
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER),
-    reference_batch=16,
-    description="PSPNet: poly lr 0.01 (batch 16, head x10), 30K iterations, 473 crops, aux 0.4.",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("pspnet"))

@@ -15,6 +15,9 @@ from its total batch of 8 to ``batch_size × workers × grad_accum`` (``--lr`` o
 Deviations: the paper does not give the batch size; 8 is assumed for the learning-rate
 scaling, with a poly schedule over 40K iterations in place of the official epoch-based decay.
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_refinenet.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -30,30 +33,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="refinenet",
-    crop_size=(400, 400),
-    scale_range=(0.7, 1.3),
-    batch_size=1,
-    max_iters=40000,
-    optimizer="sgd",
-    lr=0.0005,
-    momentum=0.9,
-    weight_decay=0.0005,
-    poly_power=0.9,
-    head_lr_mult=10.0,
-    loss="ce",
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER),
-    reference_batch=8,
-    description="RefineNet: SGD lr 5e-4, momentum 0.9, wd 5e-4, scale 0.7-1.3, 400 crops.",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("refinenet"))

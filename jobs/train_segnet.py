@@ -15,6 +15,9 @@ from its total batch of 12 to ``batch_size × workers × grad_accum`` (``--lr`` 
 Deviations: weight decay 5e-4 from the official Caffe solver (the paper does not state one);
 a fixed 100 epochs instead of "until convergence"; no resizing, images cropped/padded to 360×480.
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_segnet.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -30,31 +33,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="segnet",
-    crop_size=(360, 480),
-    scale_range=(1.0, 1.0),
-    batch_size=2,
-    max_iters=None,
-    epochs=100,
-    optimizer="sgd",
-    lr=0.1,
-    momentum=0.9,
-    weight_decay=0.0005,
-    poly_power=0.0,
-    loss="ce",
-    class_weights="median_frequency",
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER),
-    reference_batch=12,
-    description="SegNet: SGD lr 0.1 (batch 12), momentum 0.9, median frequency weights.",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("segnet"))

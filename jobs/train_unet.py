@@ -17,6 +17,9 @@ from its total batch of 1 to ``batch_size × workers × grad_accum`` (``--lr`` o
 Deviations: the learning rate (0.01, fixed) is not stated in the paper; elastic deformations
 and rotations are not implemented (random scale 0.8-1.2, crop and flip instead); w_c of eq. 2 is 1.
 
+The values live in ``segplatform.train.recipes`` with every other entry point's;
+``--show-recipe`` prints the resolved run, each value with where it came from.
+
 Usage:
     ray job submit --working-dir . -- python jobs/train_unet.py --data s3://bucket/dataset \
         --workers 8 --gpu --storage s3://bucket/runs --mlflow-uri http://mlflow:5000
@@ -32,33 +35,7 @@ from pathlib import Path
 # importable even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segplatform.train.cli_args import JobRecipe, from_scratch, job_main
-from segplatform.train.config import TrainConfig
-
-PAPER = TrainConfig(
-    arch="unet",
-    crop_size=(512, 512),
-    scale_range=(0.8, 1.2),
-    batch_size=1,
-    max_iters=20000,
-    optimizer="sgd",
-    lr=0.01,
-    momentum=0.99,
-    weight_decay=0.0,
-    poly_power=0.0,
-    loss="ce",
-    border_weights=True,
-    border_w0=10.0,
-    border_sigma=5.0,
-)
-
-RECIPE = JobRecipe(
-    config=PAPER,
-    scratch=from_scratch(PAPER, border_weights=False),
-    scratch_description="plain cross-entropy: eq. 2's border weights are for touching cells",
-    reference_batch=1,
-    description="U-Net: SGD momentum 0.99, batch 1, border-weighted cross-entropy (eq. 2).",
-)
+from segplatform.train.cli_args import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main(RECIPE))
+    sys.exit(job_main("unet"))

@@ -110,7 +110,8 @@ def run_quickstart(
     from segplatform.data.sources import convert_builtin
     from segplatform.evaluate import evaluate_model
     from segplatform.metrics import format_table
-    from segplatform.train import TrainConfig, run
+    from segplatform.train import run
+    from segplatform.train.recipes import resolve
 
     root = Path(workdir).resolve()
     data_uri = str(root / "data" / DATASET)
@@ -122,34 +123,43 @@ def run_quickstart(
 
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     name = f"unet-mni152-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
-    config = TrainConfig(
+    # The from-scratch recipe of the U-Net (segplatform.train.recipes), as `segplatform train
+    # --arch unet` resolves it, with the quickstart's model, data and budget.
+    resolved = resolve(
+        [
+            (
+                "quickstart",
+                {
+                    # The paper's U-Net at a quarter width (16..256 channels, 1.9M parameters),
+                    # padded ("same") so that whole slices go through without overlap tiling,
+                    # on the grey scans.
+                    "arch_params": {"padding": "same", "base_channels": 16, "in_channels": 1},
+                    "data": data_uri,
+                    "crop_size": (128, 128),
+                    # The slices share one scale (1 mm voxels): crops and flips only.
+                    "scale_range": (1.0, 1.0),
+                    "batch_size": 4,
+                    "num_workers": workers,
+                    "max_iters": max_iters,
+                    "eval_every": max(max_iters // 3, 1),
+                    "log_every": 10,
+                    "keep_checkpoints": 1,
+                    "storage_path": str(root / "runs"),
+                    "name": name,
+                    "mlflow_uri": tracking_uri,
+                    "experiment": EXPERIMENT,
+                    "register_as": MODEL_NAME,
+                    # Evaluate what this run trained, even if an earlier run scored higher.
+                    "promote": "always",
+                    "verbose": verbose,
+                },
+            )
+        ],
         arch="unet",
-        # The paper's U-Net at a quarter width (16..256 channels, 1.9M parameters), padded
-        # ("same") so that whole slices go through without overlap tiling, on the grey scans.
-        arch_params={"padding": "same", "base_channels": 16, "in_channels": 1},
-        data=data_uri,
-        crop_size=(128, 128),
-        scale_range=(1.0, 1.0),  # the slices share one scale (1 mm voxels): crops and flips only
-        batch_size=4,
-        num_workers=workers,
-        max_iters=max_iters,
-        eval_every=max(max_iters // 3, 1),
-        log_every=10,
-        # The from-scratch recipe of jobs/train_unet.py (segplatform.train.cli_args.from_scratch).
-        optimizer="adamw",
-        lr=1e-3,
-        weight_decay=0.01,
-        poly_power=0.9,
-        grad_clip=1.0,
-        keep_checkpoints=1,
-        storage_path=str(root / "runs"),
-        name=name,
-        mlflow_uri=tracking_uri,
-        experiment=EXPERIMENT,
-        register_as=MODEL_NAME,
-        promote="always",  # evaluate what this run trained, even if an earlier run scored higher
-        verbose=verbose,
+        recipe="scratch",
     )
+    config = resolved.config
+    log(resolved.line())
     log(f"training {name}: U-Net (16 base channels), {workers} workers, {max_iters} iterations")
     import ray
 

@@ -173,7 +173,7 @@ def parse_job_log(text: str, name: str | None = None) -> JobLog:
     log = JobLog()
     for raw in text.splitlines():
         line = _ANSI.sub("", raw)
-        if " recipe" in line and line.lstrip().startswith("jobs/train_") and not log.recipe:
+        if line.lstrip().startswith("recipe ") and not log.recipe:
             log.recipe = line.strip()
             continue
         if line.startswith("error: "):

@@ -6,10 +6,9 @@ import argparse
 
 
 def _train(args: argparse.Namespace) -> int:
-    from segplatform.train.cli_args import config_from_args, run_from_args
+    from segplatform.train.cli_args import train_main
 
-    config = config_from_args(args, parser=args.parser)
-    return run_from_args(config)
+    return train_main(args, args.parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,11 +21,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
         description="Train a segmentation architecture on a dataset with Ray Train: data-parallel "
         "workers, evaluation on the validation split, checkpoints (best k by val mIoU) under "
-        "--storage/NAME, resume with the same --name, MLflow tracking with --mlflow-uri. The same "
-        "options as jobs/train_<arch>.py, without a paper recipe (TrainConfig defaults).",
+        "--storage/NAME, resume with the same --name, MLflow tracking with --mlflow-uri. The run "
+        "starts from the architecture's recipe, as jobs/train_<arch>.py does: the paper's with "
+        "--pretrained-backbone, else the from-scratch one; --show-recipe prints it.",
         epilog="Examples:\n"
         "  segplatform train --arch unet --tiny --data data/mni152-tissue --workers 2 "
         "--max-iters 50\n"
+        "  segplatform train --arch deeplab_v3 --data s3://bucket/voc --show-recipe\n"
         "  segplatform train --arch deeplab_v3 --data s3://bucket/voc --workers 8 --gpu "
         "--storage s3://bucket/runs --name dlv3-voc --mlflow-uri http://127.0.0.1:5000\n",
     )

@@ -1,7 +1,11 @@
-"""Distributed training on Ray Train: config, transforms, losses, worker loop, driver.
+"""Distributed training on Ray Train: config, recipes, transforms, losses, worker loop, driver.
 
-    from segplatform.train import TrainConfig, run
-    result = run(TrainConfig(arch="unet", data="s3://bucket/voc", max_iters=20_000, num_workers=8))
+    from segplatform.train import recipe_config, run
+    result = run(recipe_config("unet", data="s3://bucket/voc", num_workers=8))
+
+``recipe_config`` resolves a run as ``segplatform train`` and the job scripts do (the
+architecture's recipe, then the given fields, the learning rate scaled to the total batch);
+``TrainConfig(...)`` is the literal config, without a recipe.
 
 Importing this package is light: Ray and the models load when ``run`` is called.
 """
@@ -9,6 +13,7 @@ Importing this package is light: Ray and the models load when ``run`` is called.
 from __future__ import annotations
 
 from segplatform.train.config import TrainConfig
+from segplatform.train.recipes import recipe_config
 from segplatform.train.run import run
 
-__all__ = ["TrainConfig", "run"]
+__all__ = ["TrainConfig", "recipe_config", "run"]

@@ -1,119 +1,32 @@
-"""The training command line shared by ``segplatform train`` and every ``jobs/train_<arch>.py``.
+"""The training command line shared by ``segplatform train``, every ``jobs/train_<arch>.py`` and
+the sweeps: it parses options into the layers of what was given (a ``--config`` file, the
+options, ``--set``) and leaves every recipe decision to ``segplatform.train.recipes``, so each
+entry point trains the same run for the same architecture, data and flags.
 
-A job holds a ``JobRecipe`` with two recipes, each a ``TrainConfig`` plus the total batch size
-its learning rate was tuned for:
-
-- the paper's (fine-tuning) recipe, used when a pretrained backbone is given
-  (``--pretrained-backbone URI``): the papers' learning rates assume ImageNet weights;
-- a from-scratch recipe, used otherwise (nothing is downloaded, so a backbone starts random):
-  AdamW with warmup, poly decay and gradient clipping, settings that converge from random
-  initialisation.
-
-``job_main`` prints which recipe runs and why, parses the same options as ``segplatform train``
-over it, scales its learning rate linearly with the run's total batch (``batch_size ×
-num_workers × grad_accum``: linearly for SGD, by the square root for AdamW) unless the
-learning rate is given (``--lr``, ``--set lr=`` or the
-``--config`` file), and calls ``run``.
-
-Optimizer settings are per optimizer: a recipe's SGD ``momentum`` is dropped, with a one-line
-note, when another optimizer is chosen (and AdamW's ``betas`` likewise for SGD); the same setting
-given explicitly for the wrong optimizer is refused, naming the field.
-
-Precedence: recipe < ``--config FILE.json`` < ``--tiny`` preset < explicit options < ``--set``.
-Every value in the ``--config`` file counts as given, like an option.
+``--show-recipe`` prints the resolved recipe, each value with where it came from, and exits;
+``--recipe paper|scratch`` picks a recipe whatever the backbone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from segplatform.train.config import TrainConfig
+from segplatform.train.recipes import JobRecipe, Resolved, merge, recipe_for, resolve
 
 __all__ = [
-    "TINY_PRESET",
-    "JobRecipe",
     "add_train_arguments",
     "build_parser",
     "config_from_args",
-    "from_scratch",
+    "given_layers",
     "job_main",
-    "job_recipe",
+    "resolve_from_args",
     "run_from_args",
-    "scaled_lr",
 ]
-
-# ``--tiny``: the architecture's tiny() config and a run that finishes in seconds on a CPU.
-TINY_PRESET: dict[str, Any] = {
-    "tiny": True,
-    "crop_size": (64, 64),
-    "batch_size": 2,
-    "grad_accum": 1,
-    "max_iters": 2,
-    "epochs": None,
-    "warmup_iters": 0,
-    "eval_every": None,
-    "checkpoint_every": None,
-    "log_every": 1,
-    "keep_checkpoints": 1,
-    "ohem_min_kept": 256,
-    "amp": None,
-}
-
-
-@dataclass(frozen=True)
-class JobRecipe:
-    """One architecture's recipes (module docstring), scaled to the cluster by ``job_main``."""
-
-    config: TrainConfig  # the paper's settings, for a pretrained backbone (batch_size per worker)
-    reference_batch: int  # total batch size of the paper, for which config.lr was tuned
-    scratch: TrainConfig | None = None  # from-scratch settings; None: the paper's either way
-    scratch_reference_batch: int = 8  # total batch for which scratch.lr was tuned
-    tiny_overrides: dict[str, Any] = field(default_factory=dict)  # extra --tiny settings
-    description: str = ""  # one line for --help (paper and dataset of the recipe)
-    scratch_description: str = ""  # one line: what the from-scratch recipe changes and why
-
-    def __post_init__(self) -> None:
-        for name in ("reference_batch", "scratch_reference_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"JobRecipe.{name} must be >= 1, got {getattr(self, name)}")
-        if self.scratch is not None and self.scratch.arch != self.config.arch:
-            raise ValueError("JobRecipe.scratch must train the same architecture as config")
-
-    def choose(
-        self, pretrained: str | None, asked: str | None = None
-    ) -> tuple[TrainConfig, int, str]:
-        """``(recipe, reference batch, why)``: the ``asked`` one ("paper" or "scratch"), else
-        the paper's with a pretrained backbone and the from-scratch one without."""
-        if asked == "paper" or (asked is None and pretrained):
-            if not pretrained:
-                return self.config, self.reference_batch, "paper recipe (--recipe paper)"
-            return (
-                self.config,
-                self.reference_batch,
-                f"paper recipe: the backbone starts from {pretrained}",
-            )
-        if self.scratch is None:
-            return self.config, self.reference_batch, "paper recipe (it trains from scratch)"
-        if asked == "scratch":
-            why = "from-scratch recipe (--recipe scratch)"
-        else:
-            why = "from-scratch recipe: no --pretrained-backbone given, the backbone starts random"
-        if self.scratch_description:
-            why += f" ({self.scratch_description})"
-        return self.scratch, self.scratch_reference_batch, why
-
-
-# Each optimizer's own settings (TrainConfig refuses the other optimizer's).
-OPTIMIZER_FIELDS = {"momentum": "sgd", "betas": "adamw"}
-
 
 # (flags, TrainConfig field, parser kwargs, help)
 _Option = tuple[tuple[str, ...], str, dict[str, Any], str]
@@ -445,6 +358,18 @@ def add_train_arguments(
     extra.add_argument(
         "--config", metavar="FILE.json", default=argparse.SUPPRESS, help="TrainConfig as JSON"
     )
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument(
+        "--recipe",
+        choices=("paper", "scratch"),
+        default=None,
+        help="the recipe to start from (default: paper with --pretrained-backbone, else scratch)",
+    )
+    recipe.add_argument(
+        "--show-recipe",
+        action="store_true",
+        help="print the resolved recipe, each value with where it came from, and exit",
+    )
 
 
 def build_parser(
@@ -468,13 +393,39 @@ def config_from_args(
     parser: argparse.ArgumentParser | None = None,
     notes: list[str] | None = None,
 ) -> TrainConfig:
-    """The ``TrainConfig`` of parsed options over ``base`` (see the module docstring).
+    """The ``TrainConfig`` of parsed options over ``base`` (None: TrainConfig's defaults, no
+    recipe), by ``recipes.merge``'s rule.
 
     Invalid values raise ValueError naming the field (or exit through ``parser.error``); what
     was dropped from the recipe is appended to ``notes``.
     """
     try:
-        return _config_from_args(args, base, reference_batch, tiny_overrides, notes)
+        resolved = merge(
+            base,
+            given_layers(args),
+            reference_batch=reference_batch,
+            tiny_overrides=tiny_overrides,
+        )
+    except ValueError as err:
+        if parser is None:
+            raise
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+    if notes is not None:
+        notes.extend(resolved.notes)
+    return resolved.config
+
+
+def resolve_from_args(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser | None = None,
+    *,
+    arch: str | None = None,
+) -> Resolved:
+    """The run the parsed options ask for, over the recipe of their architecture (``--arch``,
+    the ``--config`` file's, else ``arch``): ``recipes.resolve``."""
+    try:
+        return resolve(given_layers(args), arch=arch, recipe=getattr(args, "recipe", None))
     except ValueError as err:
         if parser is None:
             raise
@@ -482,22 +433,17 @@ def config_from_args(
         raise  # unreachable: parser.error exits
 
 
-def _config_from_args(
-    args: argparse.Namespace,
-    base: TrainConfig | None,
-    reference_batch: int | None,
-    tiny_overrides: dict[str, Any] | None,
-    notes: list[str] | None,
-) -> TrainConfig:
-    data: dict[str, Any] = base.to_dict(secrets=True) if base is not None else {}
-    data["name"] = ""  # a recipe's import-time name is not a run name
-    explicit: dict[str, Any] = {}
+def given_layers(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """What the options give, as ``(source, fields)`` layers in precedence order: the
+    ``--config`` file, the options (``--arch-param``, ``--pretrained-backbone`` and
+    ``--storage-option`` into their mappings), ``--set``."""
+    layers: list[tuple[str, dict[str, Any]]] = []
     if getattr(args, "config", None):
         with open(args.config) as f:
             loaded = json.load(f)
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a JSON object of TrainConfig fields")
-        explicit.update(loaded)  # as explicit as an option
+        layers.append((f"--config {args.config}", loaded))
     options = {
         name: None if getattr(args, name) is NONE else getattr(args, name)
         for _, group in OPTIONS
@@ -505,78 +451,19 @@ def _config_from_args(
         if getattr(args, name, None) is not None
     }
     pretrained = options.pop("pretrained_backbone", None)
-    explicit.update(options)
-    explicit.update(_key_values(getattr(args, "set", None), "--set"))
-    if explicit.get("tiny"):
-        data.update(TINY_PRESET)
-        data.update(tiny_overrides or {})
-    if "epochs" in explicit and "max_iters" not in explicit:
-        data["max_iters"] = None
-    if "max_iters" in explicit and "epochs" not in explicit:
-        data["epochs"] = None
-    data.update(explicit)
     arch_params = _key_values(getattr(args, "arch_param", None), "--arch-param")
     if pretrained:
         arch_params["pretrained_backbone"] = pretrained
     if arch_params:
-        data["arch_params"] = {**(data.get("arch_params") or {}), **arch_params}
+        options["arch_params"] = arch_params
     storage_options = _key_values(getattr(args, "storage_option", None), "--storage-option")
     if storage_options:
-        data["storage_options"] = {**(data.get("storage_options") or {}), **storage_options}
-    optimizer = data.get("optimizer", "sgd")
-    for name, owner in OPTIMIZER_FIELDS.items():
-        # A recipe's setting of another optimizer is dropped; a given one is refused by
-        # TrainConfig, naming the field.
-        if data.get(name) is not None and owner != optimizer and name not in explicit:
-            if notes is not None:
-                notes.append(
-                    f"note: the recipe's {name} {data[name]} is {owner.upper()}'s; "
-                    f"{optimizer} runs without it"
-                )
-            data[name] = None
-    if base is not None and reference_batch and "lr" not in explicit:
-        if optimizer != base.optimizer and notes is not None:
-            notes.append(
-                f"note: the recipe's lr {base.lr:g} was tuned for {base.optimizer}, not "
-                f"{optimizer}; give --lr"
-            )
-        provisional = TrainConfig.from_dict(data, source="command line")
-        workers = max(provisional.num_workers, 1)  # local mode (0) is one loop
-        total = provisional.batch_size * workers * provisional.grad_accum
-        data["lr"] = scaled_lr(base.lr, total / reference_batch, optimizer)
-    return TrainConfig.from_dict(data, source="command line")
-
-
-def scaled_lr(lr: float, batch_ratio: float, optimizer: str) -> float:
-    """The learning rate for ``batch_ratio`` × the recipe's total batch: linear for SGD (Goyal et
-    al., "Accurate, Large Minibatch SGD", arXiv:1706.02677), square root for AdamW (Malladi et
-    al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022)."""
-    return lr * (batch_ratio if optimizer == "sgd" else math.sqrt(batch_ratio))
-
-
-def from_scratch(paper: TrainConfig, **changes: Any) -> TrainConfig:
-    """The from-scratch recipe of an architecture, derived from its paper recipe.
-
-    The papers fine-tune ImageNet backbones with SGD at small learning rates (1e-4 to 1e-2) and
-    a 10× rate on new layers. From random initialisation those settings barely move, so the
-    from-scratch recipe is AdamW at 1e-3 (tuned for a total batch of 8, square-root scaled),
-    weight decay 0.01, poly decay, gradient clipping at norm 1, one learning rate for every
-    layer; crop, scale range, losses and schedule length stay the paper's unless ``changes``
-    say otherwise.
-    """
-    settings: dict[str, Any] = {
-        "optimizer": "adamw",
-        "lr": 1e-3,
-        "momentum": None,
-        "betas": None,
-        "weight_decay": 0.01,
-        "poly_power": 0.9,
-        "warmup_iters": 0,
-        "head_lr_mult": 1.0,
-        "grad_clip": 1.0,
-    }
-    settings.update(changes)
-    return paper.replace(**settings)
+        options["storage_options"] = storage_options
+    layers.append(("option", options))
+    given = _key_values(getattr(args, "set", None), "--set")
+    if given:
+        layers.append(("--set", given))
+    return layers
 
 
 def run_from_args(config: TrainConfig) -> int:
@@ -619,39 +506,27 @@ def run_from_args(config: TrainConfig) -> int:
     return 0
 
 
-def job_recipe(path: str | os.PathLike[str]) -> JobRecipe:
-    """The ``RECIPE`` of the job script at ``path`` (``jobs/train_<arch>.py``), which the script's
-    ``__main__`` guard keeps from running: how a sweep job starts its trials from a training
-    job's recipe."""
-    import importlib.util
-
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"job_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"{path}: not a job script")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RECIPE
-
-
-def job_main(recipe: JobRecipe, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``jobs/train_<arch>.py``: choose the recipe, parse overrides, train."""
-    prog = f"jobs/train_{recipe.config.arch}.py"
+def job_main(recipe: JobRecipe | str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jobs/train_<arch>.py`` (``recipe``: its architecture or its recipes):
+    the options of ``segplatform train``, with the architecture preset."""
+    recipes = recipe_for(recipe) if isinstance(recipe, str) else recipe
+    arch = recipes.config.arch
+    prog = f"jobs/train_{arch}.py"
     scratch = (
         "\nWithout --pretrained-backbone the from-scratch recipe runs: "
-        f"{recipe.scratch_description} (lr tuned for a total batch of "
-        f"{recipe.scratch_reference_batch})."
-        if recipe.scratch is not None
+        f"{recipes.scratch_description or 'AdamW, poly decay, gradient clipping'} (lr tuned for "
+        f"a total batch of {recipes.scratch_reference_batch})."
+        if recipes.scratch is not None
         else ""
     )
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=(recipe.description or f"Train {recipe.config.arch}.")
+        description=(recipes.description or f"Train {arch}.")
         + f"\nThis is the paper's recipe, for a pretrained backbone (--pretrained-backbone URI); "
-        f"its lr is tuned for a total batch of {recipe.reference_batch}."
+        f"its lr is tuned for a total batch of {recipes.reference_batch}."
         + scratch
-        + "\nThe learning rate is scaled linearly to batch_size × workers × grad_accum unless "
-        "it is given (--lr, --set lr=..., --config).",
+        + "\nThe learning rate is scaled to batch_size × workers × grad_accum unless "
+        "it is given (--lr, --set lr=..., --config). --show-recipe prints the run's recipe.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             f"Example:\n  ray job submit --working-dir . -- python {prog} "
@@ -659,43 +534,25 @@ def job_main(recipe: JobRecipe, argv: Sequence[str] | None = None) -> int:
             f"  python {prog} --data ./data/mni152-tissue --tiny --workers 2"
         ),
     )
-    add_train_arguments(parser, defaults=recipe.config)
-    parser.add_argument(
-        "--recipe",
-        choices=("paper", "scratch"),
-        default=None,
-        help="the recipe to start from (default: paper with --pretrained-backbone, else scratch)",
-    )
+    add_train_arguments(parser, defaults=recipes.config)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if getattr(args, "data", None) is None and not recipe.config.data:
+    return train_main(args, parser, arch=arch)
+
+
+def train_main(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, *, arch: str | None = None
+) -> int:
+    """``segplatform train`` and the job scripts: resolve the run, print its recipe line (or
+    the whole recipe with --show-recipe), train."""
+    resolved = resolve_from_args(args, parser, arch=arch)
+    if getattr(args, "show_recipe", False):
+        print(resolved.table())
+        for note in resolved.notes:
+            print(note)
+        return 0
+    if not resolved.config.data:
         parser.error("--data is required (a dataset directory or s3:// URI)")
-    pretrained = getattr(args, "pretrained_backbone", None) or _pretrained_in(args)
-    base, reference_batch, why = recipe.choose(pretrained, args.recipe)
-    notes: list[str] = []
-    config = config_from_args(
-        args,
-        base=base,
-        reference_batch=reference_batch,
-        tiny_overrides=recipe.tiny_overrides,
-        parser=parser,
-        notes=notes,
-    )
-    print(f"{prog}: {why}; {config.optimizer_settings()}", flush=True)
-    for note in notes:
+    print(resolved.line(), flush=True)
+    for note in resolved.notes:
         print(note, flush=True)
-    return run_from_args(config)
-
-
-def _pretrained_in(args: argparse.Namespace) -> str | None:
-    """A pretrained backbone named by ``--arch-param``, ``--set arch_params=`` or ``--config``."""
-    arch_params = _key_values(getattr(args, "arch_param", None), "--arch-param")
-    explicit = _key_values(getattr(args, "set", None), "--set").get("arch_params") or {}
-    from_file: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        with open(args.config) as f:
-            loaded = json.load(f)
-        from_file = (loaded.get("arch_params") or {}) if isinstance(loaded, dict) else {}
-    for source in (arch_params, explicit, from_file):
-        if isinstance(source, dict) and source.get("pretrained_backbone"):
-            return str(source["pretrained_backbone"])
-    return None
+    return run_from_args(resolved.config)

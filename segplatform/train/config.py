@@ -25,8 +25,9 @@ Secrets: ``storage_options`` may hold S3 keys. ``to_dict()`` (what MLflow params
 run state see) redacts them; only ``to_dict(secrets=True)`` keeps them, for the driver's own use.
 
 The config travels to the Ray workers as a plain dict (``to_dict`` / ``from_dict``; the secrets
-travel separately, see ``segplatform.train.plan``), and the command line of ``segplatform train``
-and of every ``jobs/train_<arch>.py`` builds one (``segplatform.train.cli_args``).
+travel separately, see ``segplatform.train.plan``). A ``TrainConfig`` is literal: the command
+lines, job scripts, sweeps and ``recipe_config`` build one over an architecture's recipe
+(``segplatform.train.recipes``).
 """
 
 from __future__ import annotations

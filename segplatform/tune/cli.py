@@ -7,8 +7,10 @@ The training options are those of ``segplatform train`` and the job scripts
 register the sweep's winner. The sweep's own options choose the space, the number of trials, the
 search, the scheduler and the concurrency.
 
-A job script passes its architecture's ``JobRecipe`` (the trials then start from the recipe the
-training job would run, from scratch or the paper's) and its default space.
+The trials start from the run ``segplatform train`` would resolve for the same options
+(``segplatform.train.recipes``: from scratch, or the paper's recipe with a pretrained backbone);
+a job script presets its architecture, whose preset space (``segplatform.tune.presets``) is the
+default.
 
 Exit status: 0 when the sweep ran (and registered, if asked), 1 when no trial produced an
 evaluation, 2 when the sweep was refused before any trial started (a bad space, options, data or
@@ -101,29 +103,18 @@ def config_from_sweep_args(
     args: argparse.Namespace,
     parser: argparse.ArgumentParser,
     *,
-    recipe: Any = None,
+    arch: str | None = None,
     default_space: str | Mapping[str, Any] | None = None,
 ) -> Any:
-    """The ``SweepConfig`` of parsed options (``parser.error`` on a malformed option)."""
-    from segplatform.train.cli_args import config_from_args
+    """The ``SweepConfig`` of parsed options (``parser.error`` on a malformed option): the
+    trials start from the run ``segplatform train`` would resolve for the same options."""
+    from segplatform.train.cli_args import resolve_from_args
     from segplatform.tune.space import load_space
     from segplatform.tune.sweep import SweepConfig
 
-    notes: list[str] = []
-    if recipe is not None:
-        pretrained = getattr(args, "pretrained_backbone", None)
-        base, reference_batch, why = recipe.choose(pretrained, getattr(args, "recipe", None))
-        base = config_from_args(
-            args,
-            base=base,
-            reference_batch=reference_batch,
-            tiny_overrides=recipe.tiny_overrides,
-            parser=parser,
-            notes=notes,
-        )
-        notes.insert(0, f"trials start from the {why}")
-    else:
-        base = config_from_args(args, parser=parser)
+    resolved = resolve_from_args(args, parser, arch=arch)
+    base = resolved.config
+    notes = [resolved.line(), *resolved.notes]
     space = load_space(args.space or default_space or base.arch, base.arch)
     name = getattr(args, "name", None) or default_sweep_name(base.arch)
     if args.resume and not getattr(args, "name", None):
@@ -152,32 +143,25 @@ def default_sweep_name(arch: str) -> str:
 
 
 def build_parser(
-    prog: str, *, arch: str | None = None, recipe: Any = None, default_space: str | None = None
+    prog: str, *, arch: str | None = None, default_space: str | None = None
 ) -> argparse.ArgumentParser:
     """The parser of a sweep command (``arch``: fixed by a job script)."""
     from segplatform.train.cli_args import add_train_arguments
+    from segplatform.train.recipes import recipe_for
 
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
             "Search hyperparameters with Ray Tune: each trial is one training run (the "
-            "options of segplatform train), ranked by validation mIoU; ASHA stops poor trials "
-            "early. One MLflow parent run per sweep with a child run per trial, a results table "
-            "and figure on the parent; --register-as registers the best trial's best "
-            "checkpoint. The same --name resumes an interrupted sweep."
+            "options and recipe of segplatform train), ranked by validation mIoU; ASHA stops "
+            "poor trials early. One MLflow parent run per sweep with a child run per trial, a "
+            "results table and figure on the parent; --register-as registers the best trial's "
+            "best checkpoint. The same --name resumes an interrupted sweep."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=epilog(prog, arch),
     )
-    add_train_arguments(parser, defaults=recipe.config if recipe is not None else None)
-    if recipe is not None:
-        parser.add_argument(
-            "--recipe",
-            choices=("paper", "scratch"),
-            default=None,
-            help="the recipe trials start from (default: paper with --pretrained-backbone, "
-            "else scratch)",
-        )
+    add_train_arguments(parser, defaults=recipe_for(arch).config if arch else None)
     add_sweep_arguments(parser, default_space=default_space)
     return parser
 
@@ -186,26 +170,22 @@ def sweep_main(
     argv: Sequence[str] | None = None,
     *,
     prog: str = "segplatform sweep",
-    recipe: Any = None,
+    arch: str | None = None,
     default_space: str | Mapping[str, Any] | None = None,
 ) -> int:
-    """Entry point of ``segplatform sweep`` and ``jobs/sweep_<arch>.py``; the exit status."""
-    arch = recipe.config.arch if recipe is not None else None
-    shown = (
-        default_space
-        if isinstance(default_space, str)
-        else ("the job's" if default_space else None)
-    )
-    parser = build_parser(prog, arch=arch, recipe=recipe, default_space=shown)
+    """Entry point of ``segplatform sweep`` and ``jobs/sweep_<arch>.py`` (``arch`` preset; the
+    space defaults to the architecture's preset); the exit status."""
+    shown = default_space if isinstance(default_space, str) else None
+    parser = build_parser(prog, arch=arch, default_space=shown)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    return run_from_sweep_args(args, parser, recipe=recipe, default_space=default_space)
+    return run_from_sweep_args(args, parser, arch=arch, default_space=default_space)
 
 
 def run_from_sweep_args(
     args: argparse.Namespace,
     parser: argparse.ArgumentParser,
     *,
-    recipe: Any = None,
+    arch: str | None = None,
     default_space: str | Mapping[str, Any] | None = None,
 ) -> int:
     from segplatform.data.format import DatasetError
@@ -214,14 +194,18 @@ def run_from_sweep_args(
     from segplatform.tune.space import SpaceError
     from segplatform.tune.sweep import SweepError, SweepInterrupted, print_summary, run_sweep
 
-    if recipe is None and not getattr(args, "arch", None):
+    if arch is None and not getattr(args, "arch", None):
         parser.error("--arch is required (the architecture every trial trains)")
-    given = getattr(args, "data", None) or (recipe is not None and recipe.config.data)
-    if not given and not args.show_space:
+    if not getattr(args, "data", None) and not args.show_space and not args.show_recipe:
         parser.error("--data is required (a dataset directory or s3:// URI)")
     name = getattr(args, "name", None) or "(new)"
     try:
-        sweep = config_from_sweep_args(args, parser, recipe=recipe, default_space=default_space)
+        if args.show_recipe:
+            from segplatform.train.cli_args import resolve_from_args
+
+            print(resolve_from_args(args, parser, arch=arch).table())
+            return 0
+        sweep = config_from_sweep_args(args, parser, arch=arch, default_space=default_space)
         if args.show_space:
             import yaml
 

@@ -25,7 +25,7 @@ What each varies, and where the candidates come from:
   stages (its released code uses 2, with 4 as the alternative; our default is 4).
 
 Common to all: the learning rate log-uniform over two decades around the from-scratch recipe's
-1e-3 (``segplatform.train.cli_args.from_scratch``), and the weight decay log-uniform. Crop size,
+1e-3 (``segplatform.train.recipes.SCRATCH``), and the weight decay log-uniform. Crop size,
 batch size and auxiliary weights are tunable too (``crop_size``, ``batch_size``,
 ``aux_weight``/``aux_weights``); the presets leave them fixed because they change a trial's cost.
 """

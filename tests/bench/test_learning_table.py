@@ -26,7 +26,7 @@ from segplatform.bench.learning_table import (
 from segplatform.detection import targets_from_masks
 
 JOB_LOG = """\
-jobs/train_unet.py: from-scratch recipe: no --pretrained-backbone given, the backbone starts \
+recipe unet: from-scratch recipe: no --pretrained-backbone given, the backbone starts \
 random; AdamW lr 0.001 betas (0.9, 0.999), weight decay 0.01, poly 0.9, clip 1
 2026-11-30 17:35:26,957\tINFO worker.py:2029 -- Started a local Ray instance.
 unet-x: unet (tiny) on 2 worker(s) × batch 4, 6 iterations (21 per epoch of 170 rows), AdamW
@@ -60,7 +60,7 @@ def test_budgets_add_only_budget_flags() -> None:
 
 def test_parse_job_log_reads_progress_lines_of_the_run() -> None:
     log = parse_job_log(JOB_LOG, "unet-x")
-    assert log.recipe.startswith("jobs/train_unet.py: from-scratch recipe")
+    assert log.recipe.startswith("recipe unet: from-scratch recipe")
     assert log.curve == [(2, 0.2), (4, 0.35), (6, 0.3)]
     assert log.losses == [(1, 1.3862), (2, 1.2), (6, 0.9)]
     assert log.steps == 6

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from segplatform.train.cli_args import TINY_PRESET, JobRecipe, build_parser, config_from_args
+from segplatform.train.cli_args import build_parser, config_from_args
 from segplatform.train.config import TrainConfig
+from segplatform.train.recipes import TINY_PRESET, JobRecipe
 
 
 def test_defaults_round_trip_through_dict_and_json() -> None:

@@ -10,7 +10,6 @@ validation split is scored row by row whatever the worker count.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,17 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from segplatform.train import TrainConfig, run
+from segplatform.train.cli_args import job_main
 
 pytestmark = pytest.mark.slow
-
-JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", JOBS_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_diverging_job_stops_at_once_with_one_line_and_no_retry(
@@ -36,7 +27,6 @@ def test_a_diverging_job_stops_at_once_with_one_line_and_no_retry(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    module = _job("train_unet")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = [
         "--data", shapes_dataset, "--tiny", "--arch-param", 'padding="same"', "--workers", "2",
@@ -44,7 +34,7 @@ def test_a_diverging_job_stops_at_once_with_one_line_and_no_retry(
         "--max-failures", "3", "--storage", str(tmp_path / "runs"), "--name", "nan-run",
         "--mlflow-uri", tracking, "--register-as", "nan-model", "--set", "overlay_samples=0",
     ]  # fmt: skip
-    assert module.job_main(module.RECIPE, argv) == 1
+    assert job_main("unet", argv) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err

@@ -7,25 +7,28 @@ actors) so that twelve architectures fit the test budget; the distributed path i
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import runpy
+import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 import architectures
+from segplatform.train.cli_args import job_main
+from segplatform.train.recipes import RECIPES
 
 JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"job_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_job_script(arch: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """``python jobs/train_<arch>.py ARGV`` in this process (its ``__main__``); the exit status."""
+    script = JOBS_DIR / f"train_{arch}.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_path(str(script), run_name="__main__")
+    return int(ended.value.code or 0)
 
 
 def test_one_job_per_registry_entry() -> None:
@@ -37,7 +40,7 @@ def test_one_job_per_registry_entry() -> None:
 def test_job_has_the_papers_recipe_and_a_from_scratch_one(arch: str) -> None:
     from segplatform.train.cli_args import build_parser, config_from_args
 
-    recipe = _load(JOBS_DIR / f"train_{arch}.py").RECIPE
+    recipe = RECIPES[arch]
     assert recipe.config.arch == arch and recipe.scratch is not None
     assert recipe.description and recipe.reference_batch >= 1
     parser = build_parser(defaults=recipe.config)
@@ -67,16 +70,16 @@ def test_job_runs_one_tiny_iteration(
     instances_dataset: str,
     storage: str,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    module = _load(JOBS_DIR / f"train_{arch}.py")
     data = instances_dataset if arch == "mask_rcnn" else shapes_dataset
     argv = [
         "--data", data, "--tiny", "--workers", "0", "--max-iters", "1", "--storage", storage,
         "--name", f"job-{arch}", "--set", "overlay_samples=0",
     ]  # fmt: skip
-    assert module.job_main(module.RECIPE, argv) == 0
+    assert run_job_script(arch, argv, monkeypatch) == 0
     out = capsys.readouterr().out
-    assert f"jobs/train_{arch}.py: from-scratch recipe: no --pretrained-backbone given" in out
+    assert f"recipe {arch}: from-scratch recipe: no --pretrained-backbone given" in out
     assert "run job-" in out
     checkpoints = list((Path(storage) / f"job-{arch}").glob("checkpoint_step00000001_*"))
     assert len(checkpoints) == 1
@@ -103,11 +106,10 @@ def test_a_run_the_dataset_cannot_serve_is_refused_before_ray_starts(
 ) -> None:
     import ray
 
-    module = _load(JOBS_DIR / "train_unet.py")
     values = {"missing": str(tmp_path / "missing"), "shapes": shapes_dataset}
     argv = [arg.format(**values) for arg in argv]
     argv += ["--tiny", "--workers", "0", "--storage", str(tmp_path / "runs"), "--name", "refused"]
-    assert module.job_main(module.RECIPE, argv) == 2
+    assert job_main("unet", argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: run refused refused: ") and message in err, err
     assert not ray.is_initialized()  # no Ray cluster was started for it
@@ -120,12 +122,11 @@ def test_channels_last_training_writes_a_package_that_loads(
 ) -> None:
     from segplatform.package import load_package
 
-    module = _load(JOBS_DIR / "train_segnet.py")  # max-unpooling indices in NHWC
     argv = [
         "--data", shapes_dataset, "--tiny", "--workers", "0", "--max-iters", "1",
         "--storage", storage, "--name", "nhwc", "--channels-last", "--set", "overlay_samples=0",
     ]  # fmt: skip
-    assert module.job_main(module.RECIPE, argv) == 0
+    assert job_main("segnet", argv) == 0  # max-unpooling indices in NHWC
     (checkpoint,) = (Path(storage) / "nhwc").glob("checkpoint_step00000001_*")
     model, meta = load_package(checkpoint / "model")
     assert meta.architecture == "segnet"
