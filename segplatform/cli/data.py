@@ -14,9 +14,10 @@ from dataclasses import replace
 from typing import Any
 
 from segplatform.cli import HelpFormatter
+from segplatform.data.sources import BUILTIN_SOURCES
 
 CONVERTER_KINDS: tuple[str, ...] = ("folder", "voc", "cityscapes", "coco")
-BUILTIN_KINDS: tuple[str, ...] = ("mni152-tissue", "colin27-lobes")
+BUILTIN_KINDS: tuple[str, ...] = tuple(BUILTIN_SOURCES)
 EXIT_USAGE = 2  # exit status of expected errors
 # Kind-specific options: argparse dest -> the converter kinds that take it.
 KIND_OPTIONS: dict[str, tuple[str, ...]] = {

@@ -19,7 +19,8 @@ a JSON 503 at once). Decoding, inference and encoding run in worker threads, so 
 keeps answering health checks and overload 503s while the model works. Inference runs in one
 thread per replica (torch uses the replica's CPUs inside it), through ``@serve.batch`` when
 batching is on. A client that hangs up cancels its request (Serve cancels the handler): a
-request waiting for its body, a slot or a batch leaves it at once and frees what it held.
+request waiting for its body, a slot or a batch leaves it at once and frees what it held
+(recorded as status 499, counted in ``/v1/health``'s ``disconnected``).
 
 Hot reload: ``reconfigure(user_config)`` loads the model a changed config names (``serve
 deploy`` with a new ``user_config``); for ``models:/NAME@ALIAS`` a watcher thread resolves the
@@ -221,6 +222,7 @@ class SegmentationService:
         self._served: Any = None  # segplatform.serve.model.ServedModel
         self._inflight = 0
         self._uploading = 0
+        self._disconnected = 0  # requests whose client hung up before the answer
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="segplatform-infer")
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="segplatform-io")
         self._reload_lock = threading.Lock()
@@ -553,6 +555,12 @@ class SegmentationService:
         except ClientError as error:
             status = error.status
             return error_response(error)
+        except asyncio.CancelledError:
+            # The client hung up (Serve cancels the handler): whatever stage the request was
+            # in, its body, slot or batch place is already released above; counted as 499.
+            status = 499
+            self._disconnected += 1
+            raise
         finally:
             self._metrics.record("/v1/segment", status, fmt, model_id, time.perf_counter() - began)
 
@@ -599,6 +607,7 @@ class SegmentationService:
                 "model": {"name": served.ref.name, "version": served.version},
                 "inflight": self._inflight,
                 "uploading": self._uploading,
+                "disconnected": self._disconnected,
             }
         )
 

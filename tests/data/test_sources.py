@@ -1,7 +1,9 @@
-"""The built-in brain datasets: classes, slice-range splits, label frequencies, bad installs."""
+"""The built-in datasets: classes, splits (slice ranges for the scans, digit images for the
+digit scenes), label frequencies, instances, bad installs."""
 
 from __future__ import annotations
 
+import io
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +18,7 @@ from segplatform.data.sources import (
     MRICRON_TEMPLATES,
     colin27_lobes,
     convert_builtin,
+    digits_scenes,
     mni152_tissue,
 )
 
@@ -44,7 +47,42 @@ def assert_split_by_slice_range(indices: dict[str, dict[str, list[int]]]) -> Non
 
 
 def test_builtin_registry() -> None:
-    assert set(BUILTIN_SOURCES) == {"mni152-tissue", "colin27-lobes"}
+    assert set(BUILTIN_SOURCES) == {"mni152-tissue", "colin27-lobes", "digits-scenes"}
+
+
+def test_digits_scenes_are_small_images_of_separate_digit_instances(tmp_path: Path) -> None:
+    from PIL import Image
+
+    info, samples = digits_scenes(train_rows=60, val_rows=20)
+    assert info.classes[0] == "background" and info.classes[1:] == tuple(
+        f"digit {d}" for d in range(10)
+    )
+    rows = list(samples)
+    assert [split for split, _ in rows].count("val") == 20 and len(rows) == 80
+    used: dict[str, set[str]] = defaultdict(set)
+    sides = []
+    for split, sample in rows:
+        with Image.open(io.BytesIO(sample.image)) as image:
+            assert image.size == (96, 96) and image.mode == "RGB"
+        mask, instances = sample.mask, sample.instances
+        assert mask.shape == instances.shape == (96, 96)
+        assert ((mask > 0) == (instances > 0)).all()  # every digit pixel is one instance's
+        for instance in np.unique(instances[instances > 0]):
+            pixels = instances == instance
+            (label,) = np.unique(mask[pixels])  # one digit per instance
+            assert 1 <= label <= 10
+            rr, cc = np.nonzero(pixels)
+            sides.append(max(rr.max() - rr.min(), cc.max() - cc.min()) + 1)
+        used[split].update(sample.source.split("[", 1)[1].rstrip("]").split(", "))
+    # Small objects (drawn 22-34 px), and no handwritten sample in both splits.
+    assert 12 <= np.median(sides) <= 34
+    assert not used["train"] & used["val"]
+    # The same arguments build the same rows.
+    again = list(digits_scenes(train_rows=60, val_rows=20)[1])
+    assert all(a[1].image == b[1].image for a, b in zip(rows, again))
+    report = convert_builtin("digits-scenes", str(tmp_path / "digits"), train_rows=8, val_rows=4)
+    assert report.rows == {"train": 8, "val": 4}
+    validate_dataset(str(tmp_path / "digits"))
 
 
 def test_mni152_tissue() -> None:

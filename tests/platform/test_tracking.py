@@ -176,9 +176,14 @@ def test_concurrent_registrations_leave_the_champion_on_the_best(tmp_path, sqlit
     client = MlflowClient(sqlite_uri)
     champion = client.get_model_version_by_alias("race", "champion")
     assert float(champion.tags["val_miou"]) == max(scores)
-    # Each registration says where the alias went; only the best one says it moved to it.
-    moved = [r for r in results.values() if r.alias == "champion"]
-    assert [r.version for r in moved] == [str(champion.version)]
+    # As if they had come one at a time: those that say they took the alias, in registration
+    # order, score higher and higher and end with the champion (a registration that finished
+    # before a better one was registered took it first, then handed it on).
+    moved = sorted(
+        ((int(r.version), score) for score, r in results.items() if r.alias == "champion")
+    )
+    assert moved[-1][0] == int(champion.version), moved
+    assert [score for _, score in moved] == sorted(score for _, score in moved), moved
     for registration in results.values():
         tag = client.get_model_version("race", registration.version).tags["promotion"]
         assert tag == registration.reason

@@ -1,6 +1,6 @@
 """The Serve endpoint on one local Ray cluster: formats, every accepted image mode, the bad-input
-corpus (statuses, no 5xx, replica memory), overload 503s, the API key, batching equal to
-unbatched, metrics and the web page in headless Chromium.
+corpus (statuses, no 5xx, replica memory), overload 503s, clients that hang up, the API key,
+batching equal to unbatched, metrics and the web page in headless Chromium.
 
 The session's in-process Ray cluster and one Serve instance for the module, two applications on
 it (one replica each, a tiny U-Net): ``main`` at ``/`` (the corpus limits of ``corpus.py``,
@@ -296,15 +296,23 @@ def test_overload_answers_fast_json_503_and_accepted_requests_succeed(
     print(f"overload: {statuses.count(200)} accepted, {statuses.count(503)} refused")
 
 
-def _trickle(host: str, port: int, path: str) -> socket.socket:
-    """A connection that announces a 200 kB PNG body and sends 64 bytes of it, then nothing."""
+def _raw_post(
+    host: str, port: int, path: str, body: bytes, length: int, key: str = ""
+) -> socket.socket:
+    """A connection that announces a PNG body of ``length`` bytes and sends ``body``."""
     sock = socket.create_connection((host, port), timeout=60)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
-        "Content-Length: 200000\r\nConnection: close\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n{auth}"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
     )
-    sock.sendall(head.encode() + b"\x89PNG\r\n\x1a\n" + b"\0" * 56)
+    sock.sendall(head.encode() + body)
     return sock
+
+
+def _trickle(host: str, port: int, path: str, key: str = "") -> socket.socket:
+    """A connection that announces a 200 kB PNG body and sends 64 bytes of it, then nothing."""
+    return _raw_post(host, port, path, b"\x89PNG\r\n\x1a\n" + b"\0" * 56, 200_000, key)
 
 
 def _answer(sock: socket.socket) -> tuple[int, dict]:
@@ -341,6 +349,37 @@ def test_slow_senders_hold_no_model_slot(endpoint: Endpoint) -> None:
         status, answer = _answer(sock)
         assert status == 408 and answer["error"]["code"] == "body_timeout", answer
     assert requests.get(health, timeout=10).json()["uploading"] == 0
+
+
+def test_a_client_that_hangs_up_frees_what_its_request_held(endpoint: Endpoint) -> None:
+    """On the one-slot replica, a client hangs up while its body is being received, another
+    while its inference runs: each request is dropped (``disconnected`` counts it) and frees
+    its upload or model slot, and the next request is admitted and answered 200."""
+    host, port = endpoint.base.removeprefix("http://").split(":")
+    path = "/guarded/v1/segment"
+
+    def health() -> dict:
+        return requests.get(endpoint.url("guarded", "/v1/health"), timeout=10).json()
+
+    before = health()["disconnected"]
+    receiving = _trickle(host, int(port), path, API_KEY)
+    wait_for(lambda: health()["uploading"] == 1, 60, "the body did not reach the upload stage")
+    receiving.close()
+    wait_for(lambda: health()["disconnected"] == before + 1, 60, "the hang-up was not seen")
+    assert health()["uploading"] == 0
+
+    # A large smooth image (a small PNG, seconds of inference on one thread).
+    rows, cols = np.indices((1900, 1900))
+    pixels = np.stack([rows % 256, cols % 256, (rows + cols) % 256], axis=-1).astype(np.uint8)
+    body = encode(Image.fromarray(pixels), "PNG")
+    running = _raw_post(host, int(port), path, body, len(body), API_KEY)
+    wait_for(lambda: health()["inflight"] == 1, 60, "the request was not admitted", 0.02)
+    running.close()
+    wait_for(lambda: health()["disconnected"] == before + 2, 60, "the hang-up was not seen")
+    assert health()["inflight"] == 0
+    small = encode(Image.fromarray(noise_rgb(40, 40, seed=9)), "PNG")
+    response = post(endpoint.url("guarded", "/v1/segment"), small, "image/png", key=API_KEY)
+    assert response.status_code == 200, response.text
 
 
 def test_api_key(endpoint: Endpoint) -> None:

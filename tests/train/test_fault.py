@@ -94,16 +94,18 @@ def test_killed_driver_resubmitted_with_same_name_continues(
 ) -> None:
     """``segplatform train`` is held after its step-4 checkpoint, its driver is SIGKILLed, and
     the same run submitted again continues from step 4 to the uninterrupted run's end state."""
+    import json
+
     import ray
 
     address = ray.get_runtime_context().gcs_address
+    # The same settings as the reference run, every field given (no recipe fills any).
+    config = tiny_unet(data=shapes_dataset, storage_path=storage, name="driver-kill", **COMMON)
+    settings = tmp_path / "driver-kill.json"
+    settings.write_text(json.dumps(config.to_dict()))
     command = [
-        sys.executable, "-m", "segplatform", "train", "--arch", "unet", "--tiny",
-        "--arch-param", 'padding="same"', "--data", shapes_dataset, "--workers", "2",
-        "--crop-size", "32", "--batch-size", "2", "--max-iters", "6", "--eval-every", "6",
-        "--checkpoint-every", "2", "--optimizer", "adamw", "--lr", "0.003",
-        "--storage", storage, "--name", "driver-kill", "--ray-address", address,
-        "--set", "overlay_samples=0", "--set", "pause_at_step=4",
+        sys.executable, "-m", "segplatform", "train", "--config", str(settings),
+        "--ray-address", address, "--set", "pause_at_step=4",
     ]  # fmt: skip
     log_path = tmp_path / "driver.log"
     run_dir = str(Path(storage) / "driver-kill")
@@ -130,7 +132,6 @@ def test_killed_driver_resubmitted_with_same_name_continues(
         f"the killed run's workers {pids} live on",
     )
     # The same settings (pause_at_step is a test knob, not part of the resume fingerprint).
-    config = tiny_unet(data=shapes_dataset, storage_path=storage, name="driver-kill", **COMMON)
     result = run(config)
     assert result.metrics["start_step"] == 4  # continued from the checkpoint it was held at
     assert result.metrics["attempt"] == 2 and result.metrics["step"] == 6
