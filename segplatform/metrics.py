@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["ConfusionMatrix", "format_table"]
+__all__ = ["ONE_CLASS_FRACTION", "ConfusionMatrix", "format_table", "one_class_everywhere"]
 
 # Keys of the scalar metrics in ``ConfusionMatrix.compute()``, in report order.
 SUMMARY_KEYS: tuple[str, ...] = ("pixel_acc", "mean_acc", "miou", "fwiou")
@@ -189,6 +189,9 @@ class ConfusionMatrix:
             "fwiou": fwiou,
             "iou": [float(v) for v in iou],
             "acc": [float(v) for v in acc],
+            # Fractions of the scored pixels per class, in the targets and in the predictions.
+            "target_frac": [float(v) / total if total else math.nan for v in target_pixels],
+            "predicted_frac": [float(v) / total if total else math.nan for v in predicted_pixels],
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,6 +229,24 @@ class ConfusionMatrix:
                     )
         result.matrix = torch.tensor(rows, dtype=torch.int64).reshape(k, k)  # (K, K)
         return result
+
+
+# A model that gives one class to at least this fraction of the scored pixels, where the targets
+# are not that uniform, predicts that class everywhere: it has not learned the task.
+ONE_CLASS_FRACTION = 0.995
+
+
+def one_class_everywhere(result: dict[str, Any]) -> int | None:
+    """The class a model predicts everywhere (``ONE_CLASS_FRACTION`` of the scored pixels of
+    ``ConfusionMatrix.compute()``'s result, while no class covers that much of the targets), or
+    None when its predictions are not one class."""
+    predicted, target = result.get("predicted_frac") or [], result.get("target_frac") or []
+    if not predicted or not all(math.isfinite(v) for v in predicted):
+        return None
+    top = max(range(len(predicted)), key=predicted.__getitem__)
+    if predicted[top] >= ONE_CLASS_FRACTION and max(target) < ONE_CLASS_FRACTION:
+        return top
+    return None
 
 
 def _nanmean(values: torch.Tensor) -> float:

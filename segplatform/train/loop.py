@@ -73,12 +73,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from segplatform.metrics import one_class_everywhere
 from segplatform.train.batches import BatchSpec, TrainBatches
 from segplatform.train.config import TrainConfig
 from segplatform.train.distributed import (
@@ -620,7 +622,7 @@ class Worker:
                     ray.train.report(metrics)  # [ray] training metrics (every worker calls it)
                     last_report = time.monotonic()
             if self.rank == 0 and ("loss" in metrics or "val_miou" in metrics):
-                say(progress_line(cfg.name, plan.max_iters, metrics))
+                say(progress_line(cfg.name, plan.max_iters, metrics, self.info.classes))
             maybe_pause(cfg, plan, self.rank, state.step, self.storage, self.workers, state.attempt)
         self.tracker.finish("FINISHED")
 
@@ -651,6 +653,10 @@ class Worker:
         )
         for name, value in zip(self.info.classes, result["iou"]):
             metrics[f"val_iou_{_metric_name(name)}"] = finite(value)
+        metrics["val_top_class_frac"] = finite(max(result["predicted_frac"]), 0.0)
+        only = one_class_everywhere(result)
+        if only is not None:
+            metrics["val_one_class"] = only  # the class it predicts everywhere (progress line)
         if math.isnan(state.best_miou) or metrics["val_miou"] > state.best_miou:
             state.best_miou = metrics["val_miou"]
         metrics["best_val_miou"] = state.best_miou
@@ -735,16 +741,27 @@ class Worker:
         self.tracker.finish("FAILED", timeout=30.0)
 
 
-def progress_line(name: str, max_iters: int, metrics: dict[str, Any]) -> str:
+def progress_line(
+    name: str, max_iters: int, metrics: dict[str, Any], classes: Sequence[str] = ()
+) -> str:
     """One line of training progress for the job log, e.g. ``unet-x step 40/400 epoch 2
-    loss 0.5312 lr 0.00941 25.3 img/s val mIoU 0.4123 (best 0.4123)``."""
+    loss 0.5312 lr 0.00941 25.3 img/s val mIoU 0.4123 (best 0.4123)``; an evaluation whose
+    predictions are one class says so: ``... (best 0.0849), predicts background everywhere``."""
     parts = [f"{name} step {metrics['step']}/{max_iters} epoch {metrics['epoch']}"]
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.3g}")
         parts.append(f"{metrics['images_per_s']:.1f} img/s")
     if "val_miou" in metrics:
         parts.append(f"val mIoU {metrics['val_miou']:.4f} (best {metrics['best_val_miou']:.4f})")
+        if "val_one_class" in metrics:
+            parts[-1] += f", predicts {class_name(classes, metrics['val_one_class'])} everywhere"
     return " ".join(parts)
+
+
+def class_name(classes: Sequence[str], index: Any) -> str:
+    """``classes[index]``, or ``class INDEX`` where the names do not reach it."""
+    index = int(index)
+    return classes[index] if 0 <= index < len(classes) else f"class {index}"
 
 
 def say(line: str) -> None:

@@ -310,6 +310,9 @@ def register_best(config: TrainConfig, plan: Plan, result: Any) -> Any:
         tracker.set_tags({"best_checkpoint": best.path, "best_step": metrics.get("step", "")})
         if "val_miou" in metrics:
             tracker.log_metrics({"best_val_miou": metrics["val_miou"]}, step=metrics.get("step", 0))
+        warning = one_class_warning(plan, config, metrics)
+        if warning:
+            tracker.set_tags({"warning": warning})
         if config.register_as:
             tags = {
                 k: v
@@ -317,6 +320,8 @@ def register_best(config: TrainConfig, plan: Plan, result: Any) -> Any:
                 if k not in ("architecture", "mlflow.parentRunId")
             }
             tags["val_miou"] = str(metrics.get("val_miou", ""))
+            if warning:
+                tags["warning"] = warning
             tags["checkpoint"] = best.path
             tracker.register_model(
                 "model",
@@ -335,6 +340,23 @@ def register_best(config: TrainConfig, plan: Plan, result: Any) -> Any:
             flush=True,
         )
     return best
+
+
+def one_class_warning(plan: Plan, config: TrainConfig, metrics: dict[str, Any]) -> str:
+    """``"the model predicts background everywhere: ..."`` when the evaluation of ``metrics``
+    gave one class to (nearly) every pixel (``segplatform.metrics.one_class_everywhere``), else
+    ``""``."""
+    if metrics.get("val_one_class") is None:
+        return ""
+    from segplatform.data.format import DatasetInfo
+    from segplatform.train.loop import class_name
+
+    classes = DatasetInfo.from_json(plan.dataset, config.data).classes
+    return (
+        f"the model predicts {class_name(classes, metrics['val_one_class'])} everywhere on "
+        f"{config.val_split}: it has not learned the task (train longer, or check the recipe "
+        "with --show-recipe)"
+    )
 
 
 def registration_line(registration: Any) -> str:
@@ -495,6 +517,9 @@ def run(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Any:
     if failure is not None:
         raise TrainingFailure(failure.get("kind", "stopped"), failure.get("message", ""))
     register_best(config, plan, result)
+    warning = one_class_warning(plan, config, best_checkpoint(result)[1])
+    if warning:
+        say(f"warning: run {config.name}: {warning}")
     return result
 
 
