@@ -213,6 +213,22 @@ def test_v3_trains_with_a_batch_of_one() -> None:
     assert not torch.equal(pool_norm.running_mean, pool_stats[0])
 
 
+def test_v3_head_without_norm_keeps_the_backbones_and_the_weights_names() -> None:
+    normed = DeepLabV3(DeepLabV3Config.tiny())
+    plain = DeepLabV3(DeepLabV3Config.tiny(head_norm=False)).train()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.aspp.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain.backbone.modules())
+    # The same convolutions (names and shapes); only the ASPP's BN parameters are gone.
+    normed_keys = {k: v.shape for k, v in normed.state_dict().items()}
+    plain_keys = {k: v.shape for k, v in plain.state_dict().items()}
+    assert plain_keys.items() <= normed_keys.items()
+    assert all(k.startswith("aspp.") for k in normed_keys.keys() - plain_keys.keys())
+    outputs = plain(torch.randn(1, 3, 48, 48))  # a batch of one trains without BN statistics
+    assert outputs["out"].shape == (1, 21, 48, 48)
+    outputs["out"].mean().backward()
+    assert torch.isfinite(plain.aspp.image_pooling.conv.weight.grad).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # DeepLab v2 multi-scale inputs
 # ---------------------------------------------------------------------------------------------
