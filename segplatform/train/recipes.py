@@ -99,7 +99,7 @@ SCRATCH: dict[str, Any] = {
 
 # The papers' recipes: TrainConfig fields (batch_size per worker), the paper's total batch for
 # which its lr was tuned, one line for --help, and per architecture what its from-scratch recipe
-# changes beyond SCRATCH (with why).
+# changes beyond SCRATCH (with why) and what --tiny changes beyond TINY_PRESET.
 PAPER: dict[str, dict[str, Any]] = {
     "deeplab_v1": {
         "description": "DeepLab v1: SGD lr 1e-3 (batch 20, head x10), momentum 0.9, 6000 "
@@ -154,6 +154,10 @@ PAPER: dict[str, dict[str, Any]] = {
             "loss": "ce",
             "arch_params": {"output_stride": 16},
         },
+        # The tiny network on small crops: output stride 8 (a 96 px crop gives a 12x12 map, not
+        # 6x6) and no BN in the ASPP head, which at that size stalls at the class prior and
+        # predicts background everywhere (architectures/deeplab_v3.py, head_norm).
+        "tiny": {"arch_params": {"output_stride": 8, "head_norm": False}},
     },
     **{
         arch: {

@@ -149,3 +149,14 @@ def test_an_unknown_architecture_is_refused_naming_the_known_ones(
     with pytest.raises(SystemExit):
         main(["train", "--arch", "unet3d", "--data", "/d"])
     assert "no recipe for 'unet3d'" in capsys.readouterr().err
+
+
+def test_tiny_deeplab_v3_adapts_to_small_crops(capsys: pytest.CaptureFixture[str]) -> None:
+    out = command_output(
+        ["train", "--arch", "deeplab_v3", "--tiny", "--data", "/d", "--show-recipe"], capsys
+    )
+    (row,) = [line for line in out.splitlines() if line.split()[0] == "arch_params"]
+    assert "'output_stride': 8, 'head_norm': False" in row and row.endswith("--tiny (recipe)")
+    # A value given by hand still wins, key by key.
+    config = recipe_config("deeplab_v3", data="/d", tiny=True, arch_params={"output_stride": 16})
+    assert config.arch_params == {"output_stride": 16, "head_norm": False}
