@@ -162,6 +162,7 @@ class _Delivery:
         tags = dict(args.get("tags") or {})
         if alias and policy == "if_better":
             tags["promotion"] = DECIDING  # replaced by the decision below
+            tags["promote"] = policy  # for good: later registrations weigh this version
         version = self.client.create_model_version(
             name, source=source, run_id=run_id, tags=tags or None
         )
@@ -191,13 +192,14 @@ class _Delivery:
 
         Reading the holder and then moving the alias is not atomic: two registrations that read
         the same holder would both move it, and the later write would win even if its version
-        scored lower. So each one considers, besides the holder, every version that is still
-        deciding (registered after the holder with ``promotion`` = ``DECIDING``, within the last
-        ``DECIDING_S`` seconds: a registration that died half-way does not count for ever): the
-        alias goes to the best of them by the rule of ``_promotion`` (the newest on a tie), and
-        the registration reads the holder again until it is that version. Whichever finishes
-        last then leaves the alias on the best of the concurrent versions, as if they had come
-        one at a time.
+        scored lower. So each one considers, besides the holder, every version registered after
+        the holder that asked for ``if_better`` (tag ``promote``, set at creation; or still
+        ``DECIDING``), within the last ``DECIDING_S`` seconds, decided or not: a version that
+        took the alias and was then overwritten by a registration that had read an older state
+        is weighed again. The alias goes to the best of them by the rule of ``_promotion``
+        folded in registration order, and the registration reads the holder again until it is
+        that version. Whichever finishes last then leaves the alias on the best of the
+        concurrent versions, as if they had come one at a time.
         """
         mine = str(version.version)
         reason = ""
@@ -208,7 +210,10 @@ class _Delivery:
             deciding = {
                 str(v.version): v
                 for v in self.client.search_model_versions(f"name = '{name}'")
-                if (v.tags or {}).get("promotion") == DECIDING
+                if (
+                    (v.tags or {}).get("promote") == "if_better"
+                    or (v.tags or {}).get("promotion") == DECIDING
+                )
                 and (v.creation_timestamp or 0) >= recent
                 and (held is None or int(v.version) > int(held))
             }
@@ -224,11 +229,13 @@ class _Delivery:
             if best is None or str(best.version) == held:
                 break
             self.client.set_registered_model_alias(name, alias, best.version)
-        holder = self._holder(name, alias)
-        moved = holder is not None and str(holder.version) == mine
-        if not moved and holder is not None and not reason.startswith(f"{alias} stays"):
+        # Whether the alias rests on my version is what my last look decided: a registration
+        # that read an older state may still be writing, and the last of them to finish moves
+        # the alias to the same best version, so the holder read now could be a passing one.
+        moved = best is not None and str(best.version) == mine
+        if not moved and best is not None and not reason.startswith(f"{alias} stays"):
             reason = (
-                f"{alias} stays on version {holder.version}, registered at the same time and "
+                f"{alias} stays on version {best.version}, registered at the same time and "
                 "scoring at least as well"
             )
         return moved, reason
