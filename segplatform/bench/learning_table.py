@@ -594,7 +594,15 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def render_markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
-    """The LEARNING.md report of ``rows`` (``meta``: command, date, commit, machine, data)."""
+    """The LEARNING.md report of ``rows`` (``meta``: command, date, commit, machine, data, and
+    ``paths``: folder -> placeholder, so that command lines name no folder of this machine)."""
+    placeholders = sorted((meta.get("paths") or {}).items(), key=lambda item: -len(item[0]))
+
+    def shown(text: str) -> str:
+        for path, placeholder in placeholders:
+            text = text.replace(path, placeholder)
+        return text
+
     by_arch: dict[str, list[Row]] = {}
     for row in rows:
         by_arch.setdefault(row.arch, []).append(row)
@@ -612,7 +620,7 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         "column is the machine's 1-minute load average during the run (2 = both cores busy), "
         "so images/s and wall times are lower bounds of what the machine does alone.",
         f"- Date: {meta.get('date', '?')}; git commit: {meta.get('commit', '?')}.",
-        f"- Made by: `{meta.get('command', 'segplatform bench learn --all')}`",
+        f"- Made by: `{shown(meta.get('command', 'segplatform bench learn --all'))}`",
         "- val mIoU: FCN §5 mean IU over the whole val split (one confusion matrix) at the last "
         "evaluation; best: the highest of the three evaluations. Majority: the val mIoU of "
         "predicting the most frequent class everywhere (`segplatform.quickstart.majority_miou`). "
@@ -677,14 +685,14 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         "The table:",
         "",
         "```bash",
-        meta.get("command", "segplatform bench learn --all"),
+        shown(meta.get("command", "segplatform bench learn --all")),
         "```",
         "",
         "Each row (from the repository root; the datasets built with "
         "`segplatform data convert <name> DIR`):",
         "",
         "```bash",
-        *(display_command(row.command) for row in rows),
+        *(shown(display_command(row.command)) for row in rows),
         "```",
         "",
     ]
@@ -724,6 +732,8 @@ def learning_table(
         "commit": (_git("rev-parse", "--short", "HEAD") or "?")
         + (" (with uncommitted changes)" if dirty else ""),
         "machine": machine_description(),
+        # Shown as placeholders in the report, which must not name this machine's folders.
+        "paths": {str(out): "DIR", **({} if root.is_relative_to(out) else {str(root): "DATA"})},
     }
     rows: list[Row] = []
     results = out / "learning.json"

@@ -205,3 +205,26 @@ def test_mask_rcnn_ap_of_a_package(tmp_path: Path, tiny_dataset) -> None:
     result = mask_rcnn_ap(package, str(tmp_path / "data"))
     assert set(result) == {"ap", "ap50", "ap75"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
+
+
+def test_render_markdown_names_no_folder_of_the_machine() -> None:
+    row = Row(
+        arch="unet",
+        dataset="mni152-tissue",
+        reduction="tiny config",
+        command=[
+            "python",
+            "jobs/train_unet.py",
+            "--data",
+            "/w/run/data/mni",
+            "--storage",
+            "/w/run",
+        ],
+    )
+    text = render_markdown(
+        [row],
+        {"command": "segplatform bench learn --all --out /w/run", "paths": {"/w/run": "DIR"}},
+    )
+    assert "/w/run" not in text
+    assert "python jobs/train_unet.py --data DIR/data/mni --storage DIR\n" in text
+    assert "segplatform bench learn --all --out DIR\n" in text
