@@ -207,7 +207,7 @@ class _Delivery:
             holder = self._holder(name, alias)
             held = None if holder is None else str(holder.version)
             recent = time.time() * 1000 - DECIDING_S * 1000
-            deciding = {
+            candidates = {
                 str(v.version): v
                 for v in self.client.search_model_versions(f"name = '{name}'")
                 if (
@@ -217,10 +217,10 @@ class _Delivery:
                 and (v.creation_timestamp or 0) >= recent
                 and (held is None or int(v.version) > int(held))
             }
-            deciding[mine] = version
+            candidates[mine] = version
             best = holder
-            for key in sorted(deciding, key=int):  # in registration order, one at a time
-                contender = deciding[key]
+            for key in sorted(candidates, key=int):  # in registration order, one at a time
+                contender = candidates[key]
                 takes, why = self._promotion(name, alias, "if_better", contender.tags or {}, best)
                 if takes:
                     best = contender

@@ -397,15 +397,19 @@ class SegmentationService:
     def _admit(self) -> None:
         settings = self._settings
         if self._inflight >= settings.max_inflight:
-            raise ClientError(
-                503,
-                "overloaded",
-                f"the replica is busy ({self._inflight} requests in progress); retry after "
-                f"{settings.retry_after_s} s",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            )
+            raise self._overloaded(f"is busy ({self._inflight} requests in progress)")
         self._inflight += 1
         self._metrics.inflight.set(self._inflight)
+
+    def _overloaded(self, state: str) -> ClientError:
+        """The JSON 503 of a full stage: ``the replica STATE; retry after N s``, Retry-After."""
+        retry = self._settings.retry_after_s
+        return ClientError(
+            503,
+            "overloaded",
+            f"the replica {state}; retry after {retry} s",
+            headers={"Retry-After": str(retry)},
+        )
 
     def _release(self) -> None:
         self._inflight -= 1
@@ -417,13 +421,7 @@ class SegmentationService:
         ``max_uploads`` bodies are being received, 408 when it takes over ``body_timeout_s``."""
         settings = self._settings
         if self._uploading >= settings.max_uploads:
-            raise ClientError(
-                503,
-                "overloaded",
-                f"the replica is receiving {self._uploading} request bodies; retry after "
-                f"{settings.retry_after_s} s",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            )
+            raise self._overloaded(f"is receiving {self._uploading} request bodies")
         self._uploading += 1
         try:
             return await asyncio.wait_for(self._read_upload(request), settings.body_timeout_s)

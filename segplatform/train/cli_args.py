@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from segplatform.train.config import TrainConfig
-from segplatform.train.recipes import JobRecipe, Resolved, merge, recipe_for, resolve
+from segplatform.train.recipes import Resolved, merge, recipe_for, resolve
 
 __all__ = [
     "add_train_arguments",
@@ -506,11 +506,10 @@ def run_from_args(config: TrainConfig) -> int:
     return 0
 
 
-def job_main(recipe: JobRecipe | str, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``jobs/train_<arch>.py`` (``recipe``: its architecture or its recipes):
-    the options of ``segplatform train``, with the architecture preset."""
-    recipes = recipe_for(recipe) if isinstance(recipe, str) else recipe
-    arch = recipes.config.arch
+def job_main(arch: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jobs/train_<arch>.py``: the options of ``segplatform train``, with the
+    architecture preset and its recipes described in --help."""
+    recipes = recipe_for(arch)
     prog = f"jobs/train_{arch}.py"
     scratch = (
         "\nWithout --pretrained-backbone the from-scratch recipe runs: "

@@ -299,8 +299,9 @@ def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
     return best, dict(metrics)
 
 
-def register_best(config: TrainConfig, plan: Plan, result: Any) -> Any:
-    """Log the best checkpoint's model package to MLflow and register it; returns the checkpoint."""
+def register_best(config: TrainConfig, plan: Plan, result: Any, warning: str = "") -> Any:
+    """Log the best checkpoint's model package to MLflow and register it, with ``warning``
+    (``one_class_warning``) as a tag; returns the checkpoint."""
     best, metrics = best_checkpoint(result)
     if best is None or not plan.mlflow_uri:
         return best
@@ -310,7 +311,6 @@ def register_best(config: TrainConfig, plan: Plan, result: Any) -> Any:
         tracker.set_tags({"best_checkpoint": best.path, "best_step": metrics.get("step", "")})
         if "val_miou" in metrics:
             tracker.log_metrics({"best_val_miou": metrics["val_miou"]}, step=metrics.get("step", 0))
-        warning = one_class_warning(plan, config, metrics)
         if warning:
             tracker.set_tags({"warning": warning})
         if config.register_as:
@@ -516,8 +516,8 @@ def run(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> Any:
     failure = _take_failure(config, plan)
     if failure is not None:
         raise TrainingFailure(failure.get("kind", "stopped"), failure.get("message", ""))
-    register_best(config, plan, result)
     warning = one_class_warning(plan, config, best_checkpoint(result)[1])
+    register_best(config, plan, result, warning)
     if warning:
         say(f"warning: run {config.name}: {warning}")
     return result
