@@ -5,9 +5,9 @@ random crops with flips, ``TrainTransform``), batch 8, and a consumer that does 
 them, so the figure is the pipeline's own rate:
 
 - **service**: ``segplatform.train.batches.TrainBatches`` exactly as a training worker uses it
-  (rows in Ray's object store, ``loader_tasks=2`` Ray tasks of 0.5 CPU in flight, each decoding
-  ``TASK_SAMPLES`` samples, per-sample seeds), on a local Ray started as
-  ``segplatform.train.run`` starts one for 1 worker.
+  (rows read from the Parquet split by the decoding processes, ``loader_tasks=2`` Ray tasks of
+  0.5 CPU in flight, each decoding ``TASK_SAMPLES`` samples, per-sample seeds), on a local Ray
+  started as ``segplatform.train.run`` starts one for 1 worker.
 - **dataloader**: ``torch.utils.data.DataLoader`` with 2 worker processes over a map-style
   dataset of the same rows (``segplatform.bench.learn.ParquetRows``), shuffled.
 
@@ -95,7 +95,7 @@ def dataloader_arm(settings: IngestSettings) -> dict[str, Any]:
 
     from segplatform.bench.learn import ParquetRows
     from segplatform.data.format import read_manifest
-    from segplatform.train.batches import read_split_tables
+    from segplatform.data.shards import read_split_tables
     from segplatform.train.transforms import TrainTransform
 
     info = read_manifest(settings.data)
@@ -148,13 +148,14 @@ def service_arm(settings: IngestSettings) -> dict[str, Any]:
 
     from segplatform.bench.common import memory_of
     from segplatform.data.format import read_manifest
-    from segplatform.train.batches import BatchSpec, TrainBatches, load_split
+    from segplatform.data.shards import open_split
+    from segplatform.train.batches import BatchSpec, TrainBatches
 
     info = read_manifest(settings.data)
     # As segplatform.train.run starts Ray for one 0.5-CPU worker: its CPUs plus 2 for decoding.
     ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False)
     try:
-        rows = load_split(settings.data, "train")
+        rows = open_split(settings.data, "train")
         spec = BatchSpec(
             **settings.transform_kwargs(info.ignore_index), seed=settings.seed, source=settings.data
         )

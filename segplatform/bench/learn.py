@@ -140,7 +140,7 @@ def plain_loop(settings: LearnSettings, log: Callable[[str], None] = print) -> P
 
     import architectures
     from segplatform.data.format import read_manifest
-    from segplatform.train.batches import read_split_tables
+    from segplatform.data.shards import read_split_tables
     from segplatform.train.transforms import EvalTransform, TrainTransform
 
     info = read_manifest(settings.data)

@@ -74,7 +74,7 @@ def _package(directory: Path, tiny: bool) -> str:
 
 
 def _image(data: str) -> bytes:
-    from segplatform.train.batches import read_split_tables
+    from segplatform.data.shards import read_split_tables
 
     (table, *_) = read_split_tables(data, "val", columns=("id", "image", "mask"))
     return table.column("image")[table.num_rows // 2].as_py()

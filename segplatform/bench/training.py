@@ -109,7 +109,7 @@ def plain_arm(settings: StepSettings) -> dict[str, Any]:
     import architectures
     from segplatform.bench.learn import ParquetRows
     from segplatform.data.format import read_manifest
-    from segplatform.train.batches import read_split_tables
+    from segplatform.data.shards import read_split_tables
     from segplatform.train.transforms import TrainTransform
 
     torch.set_num_threads(settings.threads)

@@ -48,6 +48,9 @@ from segplatform.data import io as dio
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "dataset.json"
 SHARD_PATTERN = "part-{index:05d}.parquet"
+# Row groups of about this many bytes: a reader that needs one row reads its row group only
+# (segplatform.data.shards), so the group bounds what reading one row costs.
+ROW_GROUP_BYTES = 4 << 20
 # Column name -> accepted Arrow types. ``instances`` is optional.
 REQUIRED_COLUMNS: dict[str, tuple[pa.DataType, ...]] = {
     "id": (pa.string(), pa.large_string()),
@@ -306,10 +309,14 @@ class DatasetWriter:
         *,
         overwrite: bool = False,
         max_shard_bytes: int = 64 << 20,
+        row_group_bytes: int = ROW_GROUP_BYTES,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+        if row_group_bytes <= 0:
+            raise ValueError(f"row_group_bytes must be > 0, got {row_group_bytes}")
+        self.row_group_bytes = row_group_bytes
         self.uri = str(uri)
         self.info = info
         self.overwrite = overwrite
@@ -458,6 +465,7 @@ class DatasetWriter:
             {name: [row[name] for row in rows] for name in schema.names}, schema=schema
         )
         index = self._shards.get(split, 0)
+        per_row = max(1, self._buffered_bytes.get(split, 0) // len(rows))
         directory = posixpath.join(self._tmp, split)
         self._fs.create_dir(directory, recursive=True)
         pq.write_table(
@@ -465,6 +473,7 @@ class DatasetWriter:
             posixpath.join(directory, SHARD_PATTERN.format(index=index)),
             filesystem=self._fs,
             compression="none",  # PNG/JPEG bytes do not compress further
+            row_group_size=max(1, self.row_group_bytes // per_row),
         )
         self._shards[split] = index + 1
         self._rows[split] = []
@@ -643,15 +652,26 @@ def shard_paths(
     uri: str, split: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[pafs.FileSystem, list[str]]:
     """(filesystem, sorted shard paths) of one split."""
+    fs, infos = shard_files(uri, split, storage_options)
+    return fs, [info.path for info in infos]
+
+
+def shard_files(
+    uri: str, split: str, storage_options: dict[str, Any] | None = None
+) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """(filesystem, the shards' ``FileInfo`` with size and modification time, by path)."""
     fs, path = dio.resolve(str(uri), storage_options)
     directory = posixpath.join(path, split)
     selector = pafs.FileSelector(directory, recursive=False, allow_not_found=True)
-    paths = sorted(
-        info.path
-        for info in fs.get_file_info(selector)
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet")
+    infos = sorted(
+        (
+            info
+            for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.path.endswith(".parquet")
+        ),
+        key=lambda info: info.path,
     )
-    return fs, paths
+    return fs, infos
 
 
 def check_schema(schema: pa.Schema, source: str) -> None:

@@ -1,10 +1,11 @@
-"""Training and validation batches: rows in Ray's object store, one global order per epoch,
-decoding and augmentation in Ray tasks.
+"""Training and validation batches: one global order per epoch, rows read where they are
+decoded, decoding and augmentation in Ray tasks.
 
-**Rows.** ``load_split`` reads a split's Parquet shards once, on the driver, into Ray's object
-store: one Arrow table per shard (``SplitRows``). A row's *index* is its position in the split
-(shards in name order, rows in stored order). Workers and decoding tasks read the tables from
-their node's object store without copying them; a split larger than the store spills to disk.
+**Rows.** The driver indexes a split from its shards' footers (``segplatform.data.shards``:
+``open_split`` gives a ``SplitIndex``, no row data). A row's *index* is its position in the split
+(shards in name order, rows in stored order). The process that decodes a row reads its row group
+straight from the dataset URI through that process's bounded row-group cache (``RowReader``):
+no row passes through the driver, and every node reads the source itself.
 
 **Order.** Epoch ``e`` visits the rows in a permutation drawn from ``(seed, e)`` alone
 (``epoch_order``). Iteration ``t`` of the epoch takes the next ``G = batch_size × grad_accum ×
@@ -18,15 +19,15 @@ generator seeded by ``(seed, epoch, index)``: the same whichever worker, task or
 it, and after a resume.
 
 **Decoding.** ``TrainBatches`` keeps ``loader_tasks`` Ray tasks of ``loader_task_cpus`` CPUs
-each in flight (on the worker's node where it has room), so PNG/JPEG decoding and augmentation run
-outside the training process and its GIL; ``loader_tasks=0`` decodes inline. Both call
-``make_train_batch``: they give identical batches. A task decodes several consecutive
+each in flight (on the worker's node where it has room), so reading, PNG/JPEG decoding and
+augmentation run outside the training process and its GIL; ``loader_tasks=0`` decodes inline.
+Both call ``make_train_batch``: they give identical batches. A task decodes several consecutive
 micro-batches (up to ``TASK_SAMPLES`` samples and ``TASK_PIXELS`` crop pixels, in whole
 micro-batches; the first tasks of a stream take 1, 2, 4, ... so the first batch comes quickly):
-submitting a task, resolving its table references and storing its result cost about as much as
-decoding 8 small samples, and that cost is paid per task. Nothing past the run's last step is
-decoded. Integer maps travel narrowed (masks as uint8 where their values fit) and are widened
-to int64 in the consumer.
+submitting a task and storing its result cost about as much as decoding 8 small samples, and
+that cost is paid per task. Ray reuses the decoding processes, and with them their row-group
+caches. Nothing past the run's last step is decoded. Integer maps travel narrowed (masks as
+uint8 where their values fit) and are widened to int64 in the consumer.
 
 **Validation.** Worker ``r`` of ``W`` scores the rows whose index ``i`` has ``i mod W == r``
 (``eval_indices``): every row exactly once, whatever the worker count.
@@ -38,7 +39,7 @@ buffer.
 
 from __future__ import annotations
 
-import bisect
+import dataclasses
 import functools
 import itertools
 import logging
@@ -48,10 +49,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import Tensor
 
+from segplatform.data.shards import RowReader, SplitIndex
 from segplatform.train.losses import unet_border_weights
 from segplatform.train.transforms import TrainTransform
 
@@ -59,104 +60,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BatchSpec",
-    "SplitRows",
     "TrainBatches",
+    "class_statistics",
     "epoch_order",
     "eval_indices",
-    "load_split",
     "make_train_batch",
     "micro_batch_indices",
-    "read_split_tables",
     "sample_seed",
 ]
 
-COLUMNS = ("id", "image", "mask", "instances")
 TASK_SAMPLES = 32  # samples one decoding task decodes at most (in whole micro-batches) ...
 TASK_PIXELS = 32 * 128 * 128  # ... and pixels: big crops decode slowly enough to go one at a time
-
-
-# ---- rows -----------------------------------------------------------------------------------
-
-
-def read_split_tables(
-    uri: str,
-    split: str,
-    storage_options: dict[str, Any] | None = None,
-    *,
-    columns: Sequence[str] = COLUMNS,
-    expected_rows: int | None = None,
-) -> list[pa.Table]:
-    """The split's shards as Arrow tables (shards in name order), checked against the format.
-
-    DatasetError names the shard when it cannot be read or lacks a column, and the split when
-    its shards do not hold ``expected_rows`` rows (the manifest's count).
-    """
-    import pyarrow.parquet as pq
-
-    from segplatform.data import io as dio
-    from segplatform.data.format import DatasetError, check_schema, shard_paths
-
-    fs, paths = shard_paths(uri, split, storage_options)
-    tables = []
-    for path in paths:
-        source = dio.display_uri(str(uri), path)
-        try:
-            file = pq.ParquetFile(fs.open_input_file(path))
-            check_schema(file.schema_arrow, source)
-            present = [c for c in columns if c in file.schema_arrow.names]
-            tables.append(file.read(columns=present))
-        except (OSError, pa.ArrowException) as err:
-            raise DatasetError(f"{source}: cannot read the shard ({err})") from err
-    rows = sum(t.num_rows for t in tables)
-    if expected_rows is not None and rows != expected_rows:
-        raise DatasetError(
-            f"{uri}: split {split!r} has {rows} rows in its shards but dataset.json says "
-            f"{expected_rows}"
-        )
-    return tables
-
-
-@dataclass(frozen=True)
-class SplitRows:
-    """One split's rows in Ray's object store: one Arrow table per shard."""
-
-    refs: tuple[Any, ...]  # ray.ObjectRef of a pyarrow.Table, per shard
-    offsets: tuple[int, ...]  # index of each table's first row
-    rows: int  # rows in the split
-    source: str  # "<dataset URI> <split>", for messages
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """``(table, row in table)`` of a split index."""
-        table = bisect.bisect_right(self.offsets, index) - 1
-        return table, index - self.offsets[table]
-
-    def tables(self) -> list[pa.Table]:
-        """Every table (from the local object store)."""
-        import ray
-
-        return list(ray.get(list(self.refs)))
-
-
-def load_split(
-    uri: str,
-    split: str,
-    storage_options: dict[str, Any] | None = None,
-    *,
-    expected_rows: int | None = None,
-    columns: Sequence[str] = COLUMNS,
-) -> SplitRows:
-    """Read a split into Ray's object store (driver side; see the module docstring)."""
-    import ray
-
-    tables = read_split_tables(
-        uri, split, storage_options, columns=columns, expected_rows=expected_rows
-    )
-    offsets, start = [], 0
-    for table in tables:
-        offsets.append(start)
-        start += table.num_rows
-    refs = tuple(ray.put(table) for table in tables)
-    return SplitRows(refs, tuple(offsets), start, f"{uri} split {split!r}")
 
 
 # ---- order ----------------------------------------------------------------------------------
@@ -248,17 +162,16 @@ def _transform(spec: BatchSpec) -> TrainTransform:
 
 
 def make_train_batch(
-    tables: Sequence[pa.Table],
-    picks: Sequence[tuple[int, int]],
+    rows: Sequence[dict[str, Any]],
     indices: Sequence[int],
     epoch: int,
     spec: BatchSpec,
 ) -> dict[str, np.ndarray]:
     """Decode and augment rows into one batch.
 
-    ``picks[i]`` is ``(table, row)`` of split index ``indices[i]``. Returns ``image`` (N, C, h,
-    w) float32, ``mask`` (N, h, w) int64, and ``weight`` (N, h, w) float32 (U-Net border
-    weights) and ``instances`` (N, h, w) int64 (-1: no instance map) when the spec asks.
+    ``rows[i]`` is split index ``indices[i]`` as ``RowReader.row`` gives it. Returns ``image``
+    (N, C, h, w) float32, ``mask`` (N, h, w) int64, and ``weight`` (N, h, w) float32 (U-Net
+    border weights) and ``instances`` (N, h, w) int64 (-1: no instance map) when the spec asks.
     DatasetError names the row that cannot be decoded.
     """
     from segplatform.data.format import DatasetError
@@ -266,16 +179,14 @@ def make_train_batch(
 
     transform = _transform(spec)
     images, masks, weights, instance_maps = [], [], [], []
-    for (table_index, row), index in zip(picks, indices):
-        table = tables[table_index]
-        row_name = f"{spec.source} row {table.column('id')[row].as_py()}"
+    for values, index in zip(rows, indices):
+        row_name = values["name"]
         try:
-            image = decode_image(table.column("image")[row].as_py())
-            mask = decode_mask(table.column("mask")[row].as_py())
+            image = decode_image(values["image"])
+            mask = decode_mask(values["mask"])
             instance_map = None
-            if spec.instances and "instances" in table.column_names:
-                raw = table.column("instances")[row].as_py()
-                instance_map = None if raw is None else decode_mask(raw)
+            if spec.instances and values.get("instances") is not None:
+                instance_map = decode_mask(values["instances"])
         except Exception as err:
             raise DatasetError(f"{row_name}: cannot decode ({err})") from err
         with torch.random.fork_rng(devices=[]):
@@ -318,15 +229,14 @@ def _narrow(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _decode_task(
-    spec: BatchSpec,
-    work: list[tuple[list[tuple[int, int]], list[int], int]],
-    *tables: pa.Table,
+    spec: BatchSpec, index: SplitIndex, work: list[tuple[list[int], int]]
 ) -> list[dict[str, np.ndarray]]:
-    """Ray task body: ``make_train_batch`` for each ``(picks, indices, epoch)`` of ``work`` over
-    the tables passed (resolved by Ray)."""
+    """Ray task body: ``make_train_batch`` for each ``(indices, epoch)`` of ``work``, reading
+    the rows from the dataset through this process's row-group cache."""
+    reader = RowReader(index)
     return [
-        _narrow(make_train_batch(tables, picks, indices, epoch, spec))
-        for picks, indices, epoch in work
+        _narrow(make_train_batch(reader.rows(indices), indices, epoch, spec))
+        for indices, epoch in work
     ]
 
 
@@ -351,7 +261,7 @@ class TrainBatches:
 
     def __init__(
         self,
-        rows: SplitRows,
+        rows: SplitIndex,
         spec: BatchSpec,
         *,
         batch_size: int,
@@ -371,7 +281,8 @@ class TrainBatches:
             raise ValueError(f"{rows.source}: {rows.rows} rows, fewer than one iteration")
         self.tasks, self.task_cpus, self.node_id = tasks, task_cpus, node_id
         self.task_samples = task_samples
-        self._tables: list[pa.Table] | None = None  # inline decoding reads them once
+        self._reader = RowReader(rows)  # inline decoding
+        self._index_ref: Any = None  # the index in Ray's object store, for the tasks
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
 
     def position(self, step: int) -> tuple[int, int]:
@@ -404,23 +315,17 @@ class TrainBatches:
             step += 1
 
     def _decode_inline(self, epoch: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-        if self._tables is None:
-            self._tables = self.rows.tables()
-        located = [self.rows.locate(int(i)) for i in indices]
-        return make_train_batch(self._tables, located, indices.tolist(), epoch, self.spec)
+        picked = indices.tolist()
+        return make_train_batch(self._reader.rows(picked), picked, epoch, self.spec)
 
     def _submit(self, work: list[tuple[int, np.ndarray]]) -> Any:
         """One Ray task decoding the ``(epoch, indices)`` micro-batches of ``work``."""
-        located = [[self.rows.locate(int(i)) for i in indices] for _, indices in work]
-        used = sorted({table for picks in located for table, _ in picks})
-        remap = {table: position for position, table in enumerate(used)}
-        payload = [
-            ([(remap[table], row) for table, row in picks], indices.tolist(), epoch)
-            for picks, (epoch, indices) in zip(located, work)
-        ]
-        return _remote(self.task_cpus, self.node_id).remote(
-            self.spec, payload, *(self.rows.refs[t] for t in used)
-        )
+        import ray
+
+        if self._index_ref is None:
+            self._index_ref = ray.put(self.rows)
+        payload = [(indices.tolist(), epoch) for epoch, indices in work]
+        return _remote(self.task_cpus, self.node_id).remote(self.spec, self._index_ref, payload)
 
     def __call__(
         self, start_step: int, device: torch.device, stop_step: int | None = None
@@ -483,22 +388,30 @@ def _remote(cpus: float, node_id: str | None) -> Any:
 # ---- class statistics -----------------------------------------------------------------------
 
 
-def _count_task(num_classes: int, ignore_index: int, table: pa.Table) -> tuple[Any, Any]:
+def _count_task(
+    num_classes: int, ignore_index: int, index: SplitIndex, shard: int
+) -> tuple[Any, Any]:
+    """Class pixel counts of one shard, read from the dataset group by group."""
     from segplatform.data.reader import decode_mask
     from segplatform.train.losses import class_pixel_statistics
 
-    masks = (decode_mask(value.as_py()) for value in table.column("mask"))
-    return class_pixel_statistics(masks, num_classes, ignore_index)
+    reader = RowReader(index)
+    first = index.offsets[shard]
+    masks = (reader.row(i)["mask"] for i in range(first, first + index.shards[shard].rows))
+    return class_pixel_statistics((decode_mask(m) for m in masks), num_classes, ignore_index)
 
 
-def class_statistics(rows: SplitRows, num_classes: int, ignore_index: int) -> list[float]:
+def class_statistics(rows: SplitIndex, num_classes: int, ignore_index: int) -> list[float]:
     """Median-frequency class weights over a split (one Ray task per shard)."""
     import ray
 
     from segplatform.train.losses import median_frequency_weights
 
     task = ray.remote(num_cpus=0.5)(_count_task)
-    counts = ray.get([task.remote(num_classes, ignore_index, ref) for ref in rows.refs])
+    index = ray.put(dataclasses.replace(rows, columns=("id", "mask")))
+    counts = ray.get(
+        [task.remote(num_classes, ignore_index, index, shard) for shard in range(len(rows.shards))]
+    )
     class_pixels = np.sum([c for c, _ in counts], axis=0)
     image_pixels = np.sum([i for _, i in counts], axis=0)
     return median_frequency_weights(class_pixels, image_pixels)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from segplatform.train.batches import SplitRows, eval_indices
+from segplatform.data.shards import RowReader, SplitIndex
+from segplatform.train.batches import eval_indices
 from segplatform.train.distributed import all_gather_object, stop_if_any
 from segplatform.train.transforms import EvalTransform
 
@@ -41,7 +42,7 @@ class Evaluator:
 
     def __init__(
         self,
-        rows: SplitRows,
+        rows: SplitIndex,
         *,
         info: Any,
         num_classes: int,
@@ -66,22 +67,19 @@ class Evaluator:
             std=normalization["std"],
             ignore_index=self.ignore_index,
         )
-        self._tables: list[Any] | None = None
+        self.reader = RowReader(rows)
 
     def _samples(self) -> Any:
         """``(index, image (C, H, W), mask (H, W))`` of this worker's validation rows."""
         from segplatform.data.format import DatasetError
         from segplatform.data.reader import decode_image, decode_mask
 
-        if self._tables is None:
-            self._tables = self.rows.tables()
         for index in eval_indices(self.rows.rows, self.rank, self.world_size):
-            table_index, row = self.rows.locate(index)
-            table = self._tables[table_index]
-            name = f"{self.rows.source} row {table.column('id')[row].as_py()}"
+            values = self.reader.row(index)
+            name = values["name"]
             try:
-                image = decode_image(table.column("image")[row].as_py())
-                mask = decode_mask(table.column("mask")[row].as_py())
+                image = decode_image(values["image"])
+                mask = decode_mask(values["mask"])
             except Exception as err:
                 raise DatasetError(f"{name}: cannot decode ({err})") from err
             yield (index, *self.transform(image, mask, source=name))

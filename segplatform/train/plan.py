@@ -68,8 +68,8 @@ class Plan:
     overlay_count: int = 0  # the first rows of the val split drawn as overlays
     local_mode: bool = False  # num_workers == 0: the loop runs in the driver
     tags: dict[str, str] = field(default_factory=dict)  # provenance tags of the MLflow run
-    train: Any = None  # SplitRows of the train split (object refs)
-    val: Any = None  # SplitRows of the val split
+    train: Any = None  # SplitIndex of the train split (segplatform.data.shards)
+    val: Any = None  # SplitIndex of the val split
     storage_ref: Any = None  # ray.ObjectRef of the storage options (credentials), or None
 
     def storage_options(self) -> dict[str, Any] | None:

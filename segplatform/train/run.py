@@ -182,21 +182,23 @@ def git_commit() -> str:
 
 
 def build_plan(config: TrainConfig, info: Any, run_uri: str) -> Plan:
-    """The plan of a run (``segplatform.train.plan``); reads both splits into Ray's object store,
-    so Ray must be running."""
+    """The plan of a run (``segplatform.train.plan``): indexes both splits from their shards'
+    footers (median-frequency class weights count pixels in Ray tasks, so Ray must be
+    running)."""
     import ray
 
     from segplatform.data.io import canonical_uri
-    from segplatform.train.batches import class_statistics, load_split
+    from segplatform.data.shards import open_split
+    from segplatform.train.batches import class_statistics
 
     iters_per_epoch, max_iters, eval_every = schedule(config, info)
-    train = load_split(
+    train = open_split(
         config.data,
         config.train_split,
         config.storage_options,
         expected_rows=info.splits[config.train_split],
     )
-    val = load_split(
+    val = open_split(
         config.data,
         config.val_split,
         config.storage_options,

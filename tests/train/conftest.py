@@ -61,9 +61,11 @@ def write_shapes(
     val: int = 4,
     with_instances: bool = False,
     storage_options: dict | None = None,
+    **layout: int,
 ) -> DatasetInfo:
+    """The shapes set; ``layout``: DatasetWriter's ``max_shard_bytes``, ``row_group_bytes``."""
     info = DatasetInfo("shapes", CLASSES, PALETTE)
-    with DatasetWriter(uri, info, storage_options=storage_options) as writer:
+    with DatasetWriter(uri, info, storage_options=storage_options, **layout) as writer:
         for index in range(train + val):
             split = "train" if index < train else "val"
             writer.add(split, shapes_sample(index, with_instances=with_instances))

@@ -3,18 +3,19 @@ from Ray tasks and inline decoding, and the same global batches for any worker c
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
+from segplatform.data.shards import open_split, read_split_tables
 from segplatform.train.batches import (
     BatchSpec,
     TrainBatches,
     epoch_order,
     eval_indices,
-    load_split,
     micro_batch_indices,
-    read_split_tables,
 )
 
 SPEC = BatchSpec(
@@ -72,7 +73,7 @@ def test_validation_scores_every_row_exactly_once(rows: int, world: int) -> None
 def test_tasks_and_inline_decoding_give_identical_batches_and_resume_continues(
     ray_cluster: None, shapes_dataset: str
 ) -> None:
-    rows = load_split(shapes_dataset, "train", expected_rows=16)
+    rows = open_split(shapes_dataset, "train", expected_rows=16)
     device = torch.device("cpu")
 
     def take(
@@ -126,3 +127,65 @@ def test_a_split_whose_shards_disagree_with_its_manifest_is_refused(shapes_datas
 
     with pytest.raises(DatasetError, match=r"split 'val' has 4 rows in its shards but"):
         read_split_tables(shapes_dataset, "val", expected_rows=5)
+
+
+def _take_inline(rows: object, steps: int) -> list[dict]:
+    loader = TrainBatches(rows, SPEC, batch_size=2, grad_accum=1, world_size=1, rank=0, tasks=0)
+    return [batch for _, _, _, batch in itertools.islice(loader(0, torch.device("cpu")), steps)]
+
+
+def test_batches_do_not_depend_on_how_the_split_is_sharded_or_grouped(
+    shapes_writer, tmp_path
+) -> None:
+    """A row's index is its place in the split, whatever the shards and row groups: one shard
+    of one row group and seven shards of one-row groups give the same batches."""
+    whole, fine = str(tmp_path / "whole"), str(tmp_path / "fine")
+    shapes_writer(whole)
+    shapes_writer(fine, max_shard_bytes=1, row_group_bytes=1)  # shards flush at every sample
+    one, many = open_split(whole, "train"), open_split(fine, "train")
+    assert (len(one.shards), len(many.shards)) == (1, 16) and one.rows == many.rows == 16
+    assert len(one.shards[0].groups) == 1
+    grouped = str(tmp_path / "grouped")
+    shapes_writer(grouped, row_group_bytes=1)
+    assert len(open_split(grouped, "train").shards[0].groups) == 16  # one row per group
+    for a, b, c in zip(
+        _take_inline(one, 5), _take_inline(many, 5), _take_inline(open_split(grouped, "train"), 5)
+    ):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert torch.equal(a["image"], c["image"]) and torch.equal(a["mask"], c["mask"])
+
+
+def test_the_index_holds_no_rows_and_readers_read_row_groups_through_a_bounded_cache(
+    shapes_writer, tmp_path
+) -> None:
+    import pickle
+
+    from segplatform.data.shards import RowGroupCache, RowReader
+
+    uri = str(tmp_path / "grouped")
+    shapes_writer(uri, train=16, row_group_bytes=1)
+    index = open_split(uri, "train")
+    whole = sum(t.nbytes for t in read_split_tables(uri, "train"))
+    assert len(pickle.dumps(index)) < whole / 4  # paths and row counts, no image bytes
+    group_bytes = whole // 16
+    cache = RowGroupCache(limit=3 * group_bytes + group_bytes // 2)  # room for 3 groups
+    reader = RowReader(index, cache)
+    first = [reader.row(i)["id"] for i in range(4)]
+    assert cache.reads == 4 and cache.bytes <= cache.limit  # the oldest group is out
+    assert reader.row(3)["id"] == first[3] and cache.reads == 4  # a hit
+    assert reader.row(0)["id"] == first[0] and cache.reads == 5  # read again
+    (table,) = read_split_tables(uri, "train")
+    expected = table.column("id").to_pylist()
+    assert [reader.row(i)["id"] for i in range(16)] == expected
+
+
+def test_a_shard_rewritten_under_a_run_is_refused_not_misread(shapes_writer, tmp_path) -> None:
+    from segplatform.data.format import DatasetError
+    from segplatform.data.shards import RowReader
+
+    uri = str(tmp_path / "rewritten")
+    shapes_writer(uri)
+    index = open_split(uri, "train")
+    shapes_writer(uri, train=12, overwrite=True)
+    with pytest.raises(DatasetError, match=r"part-00000.parquet: the shard changed after the run"):
+        RowReader(index).row(0)
