@@ -119,7 +119,7 @@ class Table:
 
 @dataclass
 class Section:
-    """What one benchmark (P1 ... P8) returns."""
+    """What one benchmark (P1 ... P9) returns."""
 
     comparisons: list[Comparison] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)

@@ -19,17 +19,32 @@ dashboard) are reported apart. RSS counts pages shared between processes (fork, 
 libraries) once per process; PSS divides them among the processes that share them.
 
     python -m segplatform.bench.ingest service '{"data": "...", "batches": 30}'
+
+P9 (``p9``): what the driver of a run holds, and how long until the first batch, as the dataset
+grows (the base split repeated 1×, 4×, 16× with new ids). Each (size, arm) runs in a fresh
+process with its own local Ray:
+
+- **index** (ours): the driver indexes the splits from their shards' footers (``open_split``)
+  and the first batch comes from a decoding task that reads its rows from the dataset;
+- **driver reads**: the driver reads every shard of both splits into its heap and puts them in
+  Ray's object store, the first batch decoded from there (how rows reached the workers before
+  the index, and how a hand-written ``ray.put`` of a dataset does it).
+
+The driver's memory is its RSS sampled every 50 ms from just before it reads the dataset until
+the first batch is in (the consumer, one batch, shares the process); the figure is the growth
+over the RSS it had before (Python, torch and Ray imported, Ray started).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["IngestSettings", "dataloader_arm", "service_arm"]
+__all__ = ["IngestSettings", "ScaleSettings", "dataloader_arm", "scale_arm", "service_arm"]
 
 
 @dataclass(frozen=True)
@@ -190,11 +205,89 @@ def service_arm(settings: IngestSettings) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class ScaleSettings:
+    data: str  # a dataset (the base set repeated)
+    arm: str  # "index" or "driver reads"
+    crop: int = 64
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ScaleSettings:
+        return cls(**json.loads(text))
+
+
+def scale_arm(settings: ScaleSettings) -> dict[str, Any]:
+    """One P9 measurement: the driver's side of a run and its first batch (module docstring)."""
+    import psutil
+    import ray
+    import torch
+
+    from segplatform.bench.common import PeakMemory
+    from segplatform.data.format import read_manifest
+    from segplatform.data.shards import open_split, read_split_tables
+    from segplatform.train.batches import BatchSpec, TrainBatches, make_train_batch
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        info = read_manifest(settings.data)
+        spec = BatchSpec(
+            **IngestSettings(data=settings.data, crop=settings.crop).transform_kwargs(
+                info.ignore_index
+            ),
+            seed=0,
+        )
+        me = psutil.Process()
+        baseline = me.memory_info().rss
+        with PeakMemory(lambda: [me.pid], interval=0.05) as memory:
+            began = time.perf_counter()
+            if settings.arm == "index":
+                train = open_split(settings.data, "train")
+                open_split(settings.data, "val")
+                loader = TrainBatches(train, spec, batch_size=8, grad_accum=1, world_size=1, rank=0)
+                next(iter(loader(0, torch.device("cpu"))))
+            else:
+                refs = []
+                for split in ("train", "val"):
+                    tables = read_split_tables(settings.data, split)
+                    refs += [ray.put(t) for t in tables]
+                    memory.sample()  # the tables in the heap, before they go
+                    del tables
+
+                def first(table: Any) -> Any:
+                    rows = [
+                        {
+                            "image": table.column("image")[i].as_py(),
+                            "mask": table.column("mask")[i].as_py(),
+                            "name": str(i),
+                        }
+                        for i in range(min(8, table.num_rows))
+                    ]
+                    return make_train_batch(rows, list(range(len(rows))), 0, spec)
+
+                ray.get(ray.remote(num_cpus=0.5)(first).remote(refs[0]))
+            done = time.perf_counter()
+    finally:
+        ray.shutdown()
+    return {
+        "arm": settings.arm,
+        "driver_baseline_rss": baseline,
+        "driver_peak_rss": memory.peak_rss,
+        "driver_growth": memory.peak_rss - baseline,
+        "first_batch_s": done - began,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from segplatform.bench.common import arm_main
 
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if args and args[0] == "scale":
+        return arm_main(args[1:], ScaleSettings.from_json, {"run": scale_arm})
     return arm_main(
-        argv, IngestSettings.from_json, {"dataloader": dataloader_arm, "service": service_arm}
+        args, IngestSettings.from_json, {"dataloader": dataloader_arm, "service": service_arm}
     )
 
 
@@ -255,7 +348,7 @@ def p2(ctx: Any) -> Any:
                 name="ingest throughput",
                 ours=(
                     f"TrainBatches: Ray tasks (2 in flight, 0.5 CPU, {TASK_SAMPLES} samples "
-                    "each), object-store rows"
+                    "each) reading row groups from the dataset"
                 ),
                 against="torch DataLoader, 2 worker processes, same rows and transforms",
                 quantity="samples/s, service / DataLoader",
@@ -307,4 +400,142 @@ def p2(ctx: Any) -> Any:
                 notes="each measured alone on the machine",
             ),
         ]
+    )
+
+
+def repeated_dataset(base: str, uri: str, times: int) -> str:
+    """``base`` with every split's rows repeated ``times`` times (new ids), written to ``uri``
+    (kept when it already holds a dataset)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from segplatform.data.format import DatasetInfo, DatasetWriter, Sample, read_manifest
+    from segplatform.data.reader import decode_mask
+    from segplatform.data.shards import read_split_tables
+
+    def variant(image: bytes, copy: int) -> bytes:
+        # Copies differ in one pixel: a Parquet dictionary would otherwise store repeats once.
+        if copy == 0:
+            return image
+        pixels = np.array(Image.open(io.BytesIO(image)))
+        pixels.reshape(-1)[copy % pixels.size] ^= 1
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "PNG")
+        return out.getvalue()
+
+    if os.path.exists(os.path.join(uri, "dataset.json")):
+        return uri
+    info = read_manifest(base)
+    fresh = DatasetInfo(
+        f"{info.name} x{times}", info.classes, info.palette, ignore_index=info.ignore_index
+    )
+    with DatasetWriter(uri, fresh) as writer:
+        for split in info.splits:
+            tables = read_split_tables(base, split, columns=("id", "image", "mask"))
+            for copy in range(times):
+                for table in tables:
+                    for image, mask, name in zip(
+                        table.column("image").to_pylist(),
+                        table.column("mask").to_pylist(),
+                        table.column("id").to_pylist(),
+                    ):
+                        writer.add(
+                            split,
+                            Sample(f"{name}-{copy}", variant(image, copy), decode_mask(mask)),
+                        )
+    return uri
+
+
+def p9(ctx: Any) -> Any:
+    from segplatform.bench.common import Comparison, Section, Table, run_child
+
+    sizes = (1, 4) if ctx.quick else (1, 4, 16)  # --quick: a run-through, not a measurement
+    arms = ("index", "driver reads")
+    found: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for repeat in range(ctx.repeats):
+        for times in sizes:
+            ctx.step(f"P9 dataset x{times} (repeat {repeat + 1}/{ctx.repeats})")
+            data = repeated_dataset(ctx.data, str(ctx.scratch / f"p9-x{times}"), times)
+            for arm in arms:
+                found.setdefault((times, arm), []).append(
+                    run_child(
+                        "segplatform.bench.ingest",
+                        ["scale", "run", ScaleSettings(data=data, arm=arm).to_json()],
+                        threads=1,
+                        timeout=ctx.child_timeout(300),
+                    )
+                )
+
+    def median(times: int, arm: str, key: str) -> float:
+        values = sorted(r[key] for r in found[(times, arm)])
+        return values[len(values) // 2]
+
+    split_mb = {
+        times: sum(
+            os.path.getsize(os.path.join(root, name))
+            for root, _, names in os.walk(ctx.scratch / f"p9-x{times}")
+            for name in names
+            if name.endswith(".parquet")
+        )
+        / 1e6
+        for times in sizes
+    }
+    rows = [
+        [
+            f"{times}×",
+            f"{split_mb[times]:.1f}",
+            *(f"{median(times, arm, 'driver_growth') / 1e6:.1f}" for arm in arms),
+            *(f"{median(times, arm, 'first_batch_s'):.2f}" for arm in arms),
+        ]
+        for times in sizes
+    ]
+    big, small = sizes[-1], sizes[0]
+    growth = {
+        arm: [
+            (a["driver_growth"] - b["driver_growth"]) / 1e6
+            for a, b in zip(found[(big, arm)], found[(small, arm)])
+        ]
+        for arm in arms
+    }
+    return Section(
+        comparisons=[
+            Comparison(
+                id="P9",
+                name=f"driver peak RSS growth, dataset {small}× → {big}×",
+                ours="index from footers; decoding tasks read row groups",
+                against="driver reads the splits and puts them in the object store",
+                quantity=f"MB the driver grows from {small}× to {big}×",
+                unit="MB",
+                values=growth["index"],
+                arms={arm: growth[arm] for arm in arms},
+                arm_unit="MB",
+                target=("<=", round(0.1 * (split_mb[big] - split_mb[small]), 2)),
+                notes=(
+                    f"dataset {split_mb[small]:.1f} → {split_mb[big]:.1f} MB of shards; "
+                    "target: under 10% of the added bytes (flat); RSS growth of the driver "
+                    "from before it reads the data to its first batch"
+                ),
+            )
+        ],
+        tables=[
+            Table(
+                id="P9",
+                title="driver peak RSS and time to the first batch against dataset size",
+                columns=[
+                    "dataset",
+                    "shards MB",
+                    "driver RSS growth MB, index",
+                    "driver RSS growth MB, driver reads",
+                    "first batch s, index",
+                    "first batch s, driver reads",
+                ],
+                rows=rows,
+                notes=(
+                    "mni152-tissue train+val repeated; each cell the median of "
+                    f"{ctx.repeats} fresh process(es), each with its own local Ray (2 CPUs)"
+                ),
+            )
+        ],
     )

@@ -1,4 +1,4 @@
-"""The benchmark suite P1–P8: each comparison with both arms in the same run, side by side.
+"""The benchmark suite P1–P9: each comparison with both arms in the same run, side by side.
 
 ``segplatform bench`` (``make bench``) runs it; ``--quick`` runs one tiny repetition of each (P1
 with 2 workers only, so P8 leaves out its 1 → 2 workers comparison), so that a test can check
@@ -18,6 +18,8 @@ Each comparison, our path against what it is measured against, and the target:
   ≤ 5 ms added, ≥ 1×.
 - P7: every architecture (``bench.models``) against the papers' figures: a table.
 - P8: 1 → 2 workers, and a model of N GPUs (``bench.scaling``), against linear: ≥ 0.9 at 8 GPUs.
+- P9: the driver's peak RSS and the time to the first batch as the dataset grows 1×, 4×, 16×
+  (``bench.ingest``), against a driver that reads the splits into the object store: flat.
 
 Method (``segplatform.bench.common``): the arms of a comparison alternate (A B A B ...) for
 ``repeats`` rounds after a discarded warm-up (arms in fresh processes exclude their own warm-up
@@ -59,6 +61,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "P6": ("Serve over HTTP; batching", "segplatform.bench.serving:p6"),
     "P7": ("every architecture", "segplatform.bench.models:p7"),
     "P8": ("data-parallel scaling", "segplatform.bench.scaling:p8"),
+    "P9": ("ingest at scale: the driver against dataset size", "segplatform.bench.ingest:p9"),
 }
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 

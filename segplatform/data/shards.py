@@ -156,7 +156,8 @@ class RowGroupCache:
     def __init__(self, limit: int = CACHE_BYTES) -> None:
         self.limit = limit
         self.bytes = 0
-        self.reads = 0  # row groups read from the source (a cache miss each)
+        self.reads = 0  # row groups read from the source (a cache miss each) ...
+        self.read_bytes = 0  # ... and their bytes (Arrow, as read)
         self._tables: OrderedDict[tuple[Any, ...], pa.Table] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -169,6 +170,7 @@ class RowGroupCache:
         table = read()  # outside the lock: another thread may read another group meanwhile
         with self._lock:
             self.reads += 1
+            self.read_bytes += table.nbytes
             if key not in self._tables:
                 self._tables[key] = table
                 self.bytes += table.nbytes

@@ -230,14 +230,20 @@ def _narrow(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _decode_task(
     spec: BatchSpec, index: SplitIndex, work: list[tuple[list[int], int]]
-) -> list[dict[str, np.ndarray]]:
+) -> tuple[list[dict[str, np.ndarray]], tuple[str, int, int]]:
     """Ray task body: ``make_train_batch`` for each ``(indices, epoch)`` of ``work``, reading
-    the rows from the dataset through this process's row-group cache."""
+    the rows from the dataset through this process's row-group cache; with ``(node id, row
+    groups, bytes)`` this task read from the dataset."""
+    import ray
+
     reader = RowReader(index)
-    return [
+    groups, read = reader.cache.reads, reader.cache.read_bytes
+    batches = [
         _narrow(make_train_batch(reader.rows(indices), indices, epoch, spec))
         for indices, epoch in work
     ]
+    node = ray.get_runtime_context().get_node_id()
+    return batches, (node, reader.cache.reads - groups, reader.cache.read_bytes - read)
 
 
 def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Tensor]:
@@ -282,6 +288,9 @@ class TrainBatches:
         self.tasks, self.task_cpus, self.node_id = tasks, task_cpus, node_id
         self.task_samples = task_samples
         self._reader = RowReader(rows)  # inline decoding
+        # Node id -> [row groups, bytes] the decoding of this worker's batches read from the
+        # dataset, per node it ran on (inline decoding counts as the worker's node, "").
+        self.reads: dict[str, list[int]] = {}
         self._index_ref: Any = None  # the index in Ray's object store, for the tasks
         self._epoch_order: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
 
@@ -316,7 +325,16 @@ class TrainBatches:
 
     def _decode_inline(self, epoch: int, indices: np.ndarray) -> dict[str, np.ndarray]:
         picked = indices.tolist()
-        return make_train_batch(self._reader.rows(picked), picked, epoch, self.spec)
+        cache = self._reader.cache
+        groups, read = cache.reads, cache.read_bytes
+        batch = make_train_batch(self._reader.rows(picked), picked, epoch, self.spec)
+        self._count(self.node_id or "", cache.reads - groups, cache.read_bytes - read)
+        return batch
+
+    def _count(self, node: str, groups: int, read: int) -> None:
+        total = self.reads.setdefault(node, [0, 0])
+        total[0] += groups
+        total[1] += read
 
     def _submit(self, work: list[tuple[int, np.ndarray]]) -> Any:
         """One Ray task decoding the ``(epoch, indices)`` micro-batches of ``work``."""
@@ -360,7 +378,8 @@ class TrainBatches:
                 submit()
             while pending:
                 keys, handle = pending.popleft()
-                decoded = ray.get(handle)
+                decoded, reads = ray.get(handle)
+                self._count(*reads)
                 for position, ((step, epoch, micro), batch) in enumerate(zip(keys, decoded)):
                     yield step, epoch, micro, to_tensors(batch, device)
                     if position == 0:

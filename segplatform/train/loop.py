@@ -73,7 +73,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -624,7 +624,22 @@ class Worker:
             if self.rank == 0 and ("loss" in metrics or "val_miou" in metrics):
                 say(progress_line(cfg.name, plan.max_iters, metrics, self.info.classes))
             maybe_pause(cfg, plan, self.rank, state.step, self.storage, self.workers, state.attempt)
+        self._log_reads()
         self.tracker.finish("FINISHED")
+
+    def _log_reads(self) -> None:
+        """Rank 0: which nodes read this attempt's training rows from the dataset, and how much
+        (printed and an MLflow tag ``data_reads``: node id -> [row groups, bytes])."""
+        per_node: dict[str, list[int]] = {}
+        for reads in all_gather_object(self.batches.reads):
+            for node, (groups, read) in reads.items():
+                total = per_node.setdefault(node or self.node_id or "local", [0, 0])
+                total[0] += groups
+                total[1] += read
+        if self.rank != 0:
+            return
+        say(reads_line(self.cfg.name, self.cfg.data, per_node))
+        self.tracker.set_tags({"data_reads": json.dumps(per_node, sort_keys=True)})
 
     def _progress(self) -> dict[str, Any]:
         return {
@@ -756,6 +771,18 @@ def progress_line(
         if "val_one_class" in metrics:
             parts[-1] += f", predicts {class_name(classes, metrics['val_one_class'])} everywhere"
     return " ".join(parts)
+
+
+def reads_line(name: str, data: str, per_node: Mapping[str, Sequence[int]]) -> str:
+    """``NAME data: training rows read from DATA where they were decoded: node ID G row groups
+    (M MB), ...`` (node ids shortened to 8 characters; a cache hit reads nothing)."""
+    parts = [
+        f"node {node[:8]} {groups} row group(s) ({read / 1e6:.1f} MB)"
+        for node, (groups, read) in sorted(per_node.items())
+    ]
+    return f"{name} data: training rows read from {data} where they were decoded: " + (
+        ", ".join(parts) or "nothing (every row group was in the decoding processes' caches)"
+    )
 
 
 def class_name(classes: Sequence[str], index: Any) -> str:

@@ -189,3 +189,21 @@ def test_a_shard_rewritten_under_a_run_is_refused_not_misread(shapes_writer, tmp
     shapes_writer(uri, train=12, overwrite=True)
     with pytest.raises(DatasetError, match=r"part-00000.parquet: the shard changed after the run"):
         RowReader(index).row(0)
+
+
+def test_decoding_tasks_read_their_rows_from_the_dataset_and_count_it(
+    ray_cluster: None, shapes_writer, tmp_path
+) -> None:
+    """No process has read this new dataset: the tasks' first batches read it from its files,
+    on this (the only) node, and the loader counts the row groups and bytes per node."""
+    import ray
+
+    uri = str(tmp_path / "fresh")
+    shapes_writer(uri, row_group_bytes=1)  # 16 one-row groups
+    loader = TrainBatches(
+        open_split(uri, "train"), SPEC, batch_size=2, grad_accum=1, world_size=1, rank=0, tasks=2
+    )
+    list(loader(0, torch.device("cpu"), stop_step=4))  # 8 rows
+    ((node, (groups, read)),) = loader.reads.items()
+    assert node == ray.get_runtime_context().get_node_id()
+    assert groups == 8 and read > 0  # 8 rows, each its own row group, each read once

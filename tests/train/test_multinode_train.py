@@ -228,6 +228,12 @@ def test_spread_run_uses_both_nodes_and_ends_with_identical_parameters(
     checksums = [run.data.metrics[f"param_checksum_rank{rank}"] for rank in (0, 1)]
     assert checksums[0] == checksums[1] != 0.0
     assert run.data.metrics["step"] == 6
+    # The rows were read from S3 where they were decoded, on both nodes: the driver (the job's
+    # entrypoint on the head) read only footers, and node-1's decoding read its own share.
+    reads = json.loads(run.data.tags["data_reads"])
+    assert set(reads) <= set(nodes.values())
+    assert reads[nodes["node-1"]][0] >= 1 and reads[nodes["node-1"]][1] > 0, reads
+    assert f"data: training rows read from s3://{BUCKET}/" in output
 
 
 def test_spread_larger_than_the_cluster_fails_fast(platform: Platform) -> None:
