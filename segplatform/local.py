@@ -166,6 +166,7 @@ class NodeStatus:
     pid: int | None  # the node's `ray start --block` process
     process_alive: bool  # that process runs
     detail: str  # the cluster's message about the node (e.g. why it died)
+    object_store_mb: float = 0.0  # the node's Ray object store (MiB; 0 when not known)
 
 
 class LocalPlatform:
@@ -241,13 +242,15 @@ class LocalPlatform:
         nodes: int = 1,
         timeout: float = 180.0,
         log: Callable[[str], None] = lambda message: None,
+        head_object_store_mb: int | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Start the platform; returns ``(state, started)``, ``started`` False if already up.
 
         ``nodes`` Ray nodes in all: the head plus ``nodes - 1`` worker nodes joining it.
         ``num_cpus`` is per node (logical CPUs; default: all CPUs for one node, else the CPU
-        count divided by ``nodes``, at least 1). Raises LocalPlatformError (after stopping
-        whatever it started) when a service fails.
+        count divided by ``nodes``, at least 1). ``head_object_store_mb`` caps the head's
+        object store (Ray's default otherwise: 30% of memory). Raises LocalPlatformError (after
+        stopping whatever it started) when a service fails.
         """
         if num_cpus is not None and num_cpus < 1:
             raise ValueError(f"num_cpus must be at least 1, got {num_cpus}")
@@ -262,10 +265,25 @@ class LocalPlatform:
                     return state, False
                 log("stale state from a platform that is no longer running: cleaning up")
                 self._stop_all(state, log)
-            return self._start(num_cpus=num_cpus, nodes=nodes, timeout=timeout, log=log), True
+            return (
+                self._start(
+                    num_cpus=num_cpus,
+                    nodes=nodes,
+                    timeout=timeout,
+                    log=log,
+                    head_object_store_mb=head_object_store_mb,
+                ),
+                True,
+            )
 
     def _start(
-        self, *, num_cpus: int | None, nodes: int, timeout: float, log: Callable[[str], None]
+        self,
+        *,
+        num_cpus: int | None,
+        nodes: int,
+        timeout: float,
+        log: Callable[[str], None],
+        head_object_store_mb: int | None = None,
     ) -> dict[str, Any]:
         from segplatform.services.seaweed import SeaweedServer
 
@@ -297,6 +315,9 @@ class LocalPlatform:
                 self.state_dir / "ray",
                 num_cpus=num_cpus,
                 instance_id=instance_id,
+                object_store_bytes=(
+                    None if head_object_store_mb is None else head_object_store_mb * 1024 * 1024
+                ),
                 env={
                     "MLFLOW_TRACKING_URI": mlflow.tracking_uri,
                     "SEGPLATFORM_S3_BUCKET": BUCKET,
@@ -738,6 +759,7 @@ def _node_status(
         pid=pid,
         process_alive=process_alive,
         detail=str((cluster_entry or {}).get("state_message") or ""),
+        object_store_mb=float(resources.get("object_store_memory", 0.0)) / 2**20,
     )
 
 

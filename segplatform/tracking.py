@@ -281,8 +281,7 @@ class RunTracker:
     ) -> None:
         """``retry_interval``: seconds between delivery attempts while the server is down.
         ``give_up_after``: how long ``finish`` keeps retrying a server that does not answer."""
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        fail_fast()
         self.tracking_uri = tracking_uri
         self.buffer_dir = Path(buffer_dir)
         self.files_dir = self.buffer_dir / "files"
@@ -518,6 +517,15 @@ class NullTracker:
         if name in ("finish", "flush"):
             return lambda *a, **k: True
         return lambda *a, **k: None
+
+
+def fail_fast() -> None:
+    """Short MLflow client retries and timeout for this process (``MLFLOW_HTTP_REQUEST_*``,
+    unless set): a server that does not answer fails a call in seconds instead of minutes of
+    backoff, and the caller (buffered tracker, sweep records, Serve's alias watch) retries on its
+    own schedule."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def _reason(err: BaseException) -> str:

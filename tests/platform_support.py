@@ -224,11 +224,16 @@ def wait_for(
 
 # The local platforms the tests share (``segplatform local up`` options). One logical CPU per
 # node on the two-node platform, so that STRICT_SPREAD needs both nodes; four on the single
-# node: two 0.5-CPU workers (or two one-worker trials) with CPU left for decoding.
+# node: two 0.5-CPU workers (or two one-worker trials) with CPU left for decoding. The two-node
+# head's object store is capped (HEAD_OBJECT_STORE_MB) so that a dataset larger than it trains.
+HEAD_OBJECT_STORE_MB = 80
 PLATFORMS: dict[str, list[str]] = {
     "single-node": ["--num-cpus", "4"],
-    "two-node": ["--nodes", "2", "--num-cpus", "1", "--timeout", "400"],
-}
+    "two-node": [
+        "--nodes", "2", "--num-cpus", "1", "--timeout", "400",
+        "--head-object-store-mb", str(HEAD_OBJECT_STORE_MB),
+    ],
+}  # fmt: skip
 # Ray Train's controller polls its workers every 2 s by default, and every report and checkpoint
 # commit waits for a poll; the tests' training runs poll every 0.5 s (what it changes is only how
 # long those waits last): the in-process cluster has it in its environment, jobs submitted to a

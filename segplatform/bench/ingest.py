@@ -207,8 +207,7 @@ def service_arm(settings: IngestSettings) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ScaleSettings:
-    data: str  # a dataset (the base set repeated)
-    arm: str  # "index" or "driver reads"
+    runs: list[list[str]]  # [dataset URI, "index" | "driver reads"], measured in this order
     crop: int = 64
 
     def to_json(self) -> str:
@@ -220,7 +219,19 @@ class ScaleSettings:
 
 
 def scale_arm(settings: ScaleSettings) -> dict[str, Any]:
-    """One P9 measurement: the driver's side of a run and its first batch (module docstring)."""
+    """P9 measurements in one process and one local Ray (module docstring): ``{"runs": [...]}``,
+    one result per entry of ``settings.runs``. The suite gives each measurement a process of
+    its own; ``--quick`` runs them all in one (a run-through, not a measurement)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        return {"runs": [_scale_run(data, arm, settings.crop) for data, arm in settings.runs]}
+    finally:
+        ray.shutdown()
+
+
+def _scale_run(data: str, arm: str, crop: int) -> dict[str, Any]:
     import psutil
     import ray
     import torch
@@ -230,49 +241,42 @@ def scale_arm(settings: ScaleSettings) -> dict[str, Any]:
     from segplatform.data.shards import open_split, read_split_tables
     from segplatform.train.batches import BatchSpec, TrainBatches, make_train_batch
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        info = read_manifest(settings.data)
-        spec = BatchSpec(
-            **IngestSettings(data=settings.data, crop=settings.crop).transform_kwargs(
-                info.ignore_index
-            ),
-            seed=0,
-        )
-        me = psutil.Process()
-        baseline = me.memory_info().rss
-        with PeakMemory(lambda: [me.pid], interval=0.05) as memory:
-            began = time.perf_counter()
-            if settings.arm == "index":
-                train = open_split(settings.data, "train")
-                open_split(settings.data, "val")
-                loader = TrainBatches(train, spec, batch_size=8, grad_accum=1, world_size=1, rank=0)
-                next(iter(loader(0, torch.device("cpu"))))
-            else:
-                refs = []
-                for split in ("train", "val"):
-                    tables = read_split_tables(settings.data, split)
-                    refs += [ray.put(t) for t in tables]
-                    memory.sample()  # the tables in the heap, before they go
-                    del tables
+    info = read_manifest(data)
+    spec = BatchSpec(
+        **IngestSettings(data=data, crop=crop).transform_kwargs(info.ignore_index), seed=0
+    )
+    me = psutil.Process()
+    baseline = me.memory_info().rss
+    with PeakMemory(lambda: [me.pid], interval=0.05) as memory:
+        began = time.perf_counter()
+        if arm == "index":
+            train = open_split(data, "train")
+            open_split(data, "val")
+            loader = TrainBatches(train, spec, batch_size=8, grad_accum=1, world_size=1, rank=0)
+            next(iter(loader(0, torch.device("cpu"))))
+        else:
+            refs = []
+            for split in ("train", "val"):
+                tables = read_split_tables(data, split)
+                refs += [ray.put(t) for t in tables]
+                memory.sample()  # the tables in the heap, before they go
+                del tables
 
-                def first(table: Any) -> Any:
-                    rows = [
-                        {
-                            "image": table.column("image")[i].as_py(),
-                            "mask": table.column("mask")[i].as_py(),
-                            "name": str(i),
-                        }
-                        for i in range(min(8, table.num_rows))
-                    ]
-                    return make_train_batch(rows, list(range(len(rows))), 0, spec)
+            def first(table: Any) -> Any:
+                rows = [
+                    {
+                        "image": table.column("image")[i].as_py(),
+                        "mask": table.column("mask")[i].as_py(),
+                        "name": str(i),
+                    }
+                    for i in range(min(8, table.num_rows))
+                ]
+                return make_train_batch(rows, list(range(len(rows))), 0, spec)
 
-                ray.get(ray.remote(num_cpus=0.5)(first).remote(refs[0]))
-            done = time.perf_counter()
-    finally:
-        ray.shutdown()
+            ray.get(ray.remote(num_cpus=0.5)(first).remote(refs[0]))
+        done = time.perf_counter()
     return {
-        "arm": settings.arm,
+        "arm": arm,
         "driver_baseline_rss": baseline,
         "driver_peak_rss": memory.peak_rss,
         "driver_growth": memory.peak_rss - baseline,
@@ -454,19 +458,30 @@ def p9(ctx: Any) -> Any:
     sizes = (1, 4) if ctx.quick else (1, 4, 16)  # --quick: a run-through, not a measurement
     arms = ("index", "driver reads")
     found: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for repeat in range(ctx.repeats):
-        for times in sizes:
-            ctx.step(f"P9 dataset x{times} (repeat {repeat + 1}/{ctx.repeats})")
-            data = repeated_dataset(ctx.data, str(ctx.scratch / f"p9-x{times}"), times)
-            for arm in arms:
-                found.setdefault((times, arm), []).append(
-                    run_child(
-                        "segplatform.bench.ingest",
-                        ["scale", "run", ScaleSettings(data=data, arm=arm).to_json()],
-                        threads=1,
-                        timeout=ctx.child_timeout(300),
-                    )
-                )
+    datasets = {
+        times: repeated_dataset(ctx.data, str(ctx.scratch / f"p9-x{times}"), times)
+        for times in sizes
+    }
+
+    def measure(runs: list[tuple[int, str]]) -> None:
+        settings = ScaleSettings(runs=[[datasets[times], arm] for times, arm in runs])
+        result = run_child(
+            "segplatform.bench.ingest",
+            ["scale", "run", settings.to_json()],
+            threads=1,
+            timeout=ctx.child_timeout(300),
+        )
+        for key, measured in zip(runs, result["runs"]):
+            found.setdefault(key, []).append(measured)
+
+    plan = [(times, arm) for times in sizes for arm in arms]
+    if ctx.quick:
+        ctx.step("P9 every size and arm in one process")
+        measure(plan)
+    for repeat in range(0 if ctx.quick else ctx.repeats):
+        for times, arm in plan:
+            ctx.step(f"P9 dataset x{times}, {arm} (repeat {repeat + 1}/{ctx.repeats})")
+            measure([(times, arm)])
 
     def median(times: int, arm: str, key: str) -> float:
         values = sorted(r[key] for r in found[(times, arm)])
@@ -533,8 +548,13 @@ def p9(ctx: Any) -> Any:
                 ],
                 rows=rows,
                 notes=(
-                    "mni152-tissue train+val repeated; each cell the median of "
-                    f"{ctx.repeats} fresh process(es), each with its own local Ray (2 CPUs)"
+                    "mni152-tissue train+val repeated; "
+                    + (
+                        "--quick: every cell in one process, a run-through"
+                        if ctx.quick
+                        else f"each cell the median of {ctx.repeats} fresh process(es), each "
+                        "with its own local Ray (2 CPUs)"
+                    )
                 ),
             )
         ],

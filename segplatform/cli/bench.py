@@ -41,11 +41,11 @@ def _workers(text: str) -> tuple[int, ...]:
 
 
 _SUITE_EPILOG = """\
-Without a BENCHMARK the suite P1-P8 runs (segplatform.bench.suite): training step against a
+Without a BENCHMARK the suite P1-P9 runs (segplatform.bench.suite): training step against a
 plain PyTorch loop (P1), ingest (P2), DeepLab v3 against torchvision (P3), inference path (P4),
-ICNet against PSPNet (P5), Serve over HTTP (P6), every architecture (P7), scaling (P8). Each
-comparison runs both arms in the same run, interleaved, repeated, warm-up excluded; the table
-gives the median ratio and its spread.
+ICNet against PSPNet (P5), Serve over HTTP (P6), every architecture (P7), scaling (P8), the
+driver against dataset size (P9). Each comparison runs both arms in the same run, interleaved,
+repeated, warm-up excluded; the table gives the median ratio and its spread.
 
 Examples:
   segplatform bench --out outputs/bench                    # the suite; BENCHMARKS.md updated
@@ -70,7 +70,7 @@ def _ids(text: str) -> tuple[str, ...]:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="benchmarks: the suite P1-P8, learning parity with a plain PyTorch loop",
+        help="benchmarks: the suite P1-P9, learning parity with a plain PyTorch loop",
         description="Benchmarks, each measured side by side in one run.",
         formatter_class=HelpFormatter,
         epilog=_SUITE_EPILOG,

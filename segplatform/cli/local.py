@@ -57,7 +57,11 @@ def _up(args: argparse.Namespace) -> int:
 
     platform = LocalPlatform(args.state_dir)
     state, started = platform.up(
-        num_cpus=args.num_cpus, nodes=args.nodes, timeout=args.timeout, log=print_lines
+        num_cpus=args.num_cpus,
+        nodes=args.nodes,
+        timeout=args.timeout,
+        log=print_lines,
+        head_object_store_mb=args.head_object_store_mb,
     )
     exports = format_exports(state["env"])
     if args.print_env:
@@ -232,6 +236,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--num-cpus",
         type=_positive_int,
         help="logical CPUs per Ray node (default: all for one node, else CPUs/NODES, at least 1)",
+    )
+    up.add_argument(
+        "--head-object-store-mb",
+        type=_positive_int,
+        help="cap the head's Ray object store (MiB; Ray's minimum is 75; default: Ray's, 30%% "
+        "of memory): training data never passes through it",
     )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for services")
     up.add_argument(

@@ -124,9 +124,13 @@ def parse_model_uri(uri: str) -> ModelRef:
 
 
 def resolve_alias(ref: ModelRef, tracking_uri: str | None = None) -> str:
-    """The version ``ref``'s alias points at now (MLflow registry)."""
+    """The version ``ref``'s alias points at now (MLflow registry; a registry that does not
+    answer fails the call within seconds: the alias watch retries every interval)."""
     from mlflow import MlflowClient
 
+    from segplatform.tracking import fail_fast
+
+    fail_fast()
     client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else MlflowClient()
     return str(client.get_model_version_by_alias(ref.name, ref.alias).version)
 

@@ -110,10 +110,15 @@ def ray_ports(host: str, names: Iterable[str]) -> dict[str, int]:
 
 
 def ray_start_command(
-    options: list[str], *, temp_dir: Path | None, num_cpus: int | None, num_gpus: int | None = None
+    options: list[str],
+    *,
+    temp_dir: Path | None,
+    num_cpus: int | None,
+    num_gpus: int | None = None,
+    object_store_bytes: int | None = None,
 ) -> list[str]:
     """``ray start OPTIONS`` with random worker ports, ``temp_dir`` as Ray's temp dir, usage stats
-    off, and ``--num-cpus`` / ``--num-gpus`` when given."""
+    off, and ``--num-cpus`` / ``--num-gpus`` / ``--object-store-memory`` when given."""
     command = [
         venv_executable("ray"),
         "start",
@@ -127,6 +132,8 @@ def ray_start_command(
         command.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         command.append(f"--num-gpus={num_gpus}")
+    if object_store_bytes is not None:
+        command.append(f"--object-store-memory={object_store_bytes}")
     return command
 
 
@@ -199,10 +206,12 @@ class RayHead:
         num_cpus: int | None = None,
         instance_id: str | None = None,
         env: dict[str, str] | None = None,
+        object_store_bytes: int | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.host = host
         self.num_cpus = num_cpus
+        self.object_store_bytes = object_store_bytes  # None: Ray's default (30% of memory)
         # Marks this head's processes (environment variable INSTANCE_ENV_VAR) for stop().
         self.instance_id = instance_id or uuid.uuid4().hex
         self.marker = f"{self.instance_id}/ray"
@@ -263,7 +272,12 @@ class RayHead:
             f"--dashboard-agent-listen-port={self.ports['dashboard_agent']}",
             f"--ray-client-server-port={self.ports['client']}",
         ]
-        return ray_start_command(options, temp_dir=self.temp_dir, num_cpus=self.num_cpus)
+        return ray_start_command(
+            options,
+            temp_dir=self.temp_dir,
+            num_cpus=self.num_cpus,
+            object_store_bytes=self.object_store_bytes,
+        )
 
     def launch(self) -> RayHead:
         """Start ``ray start --head --block`` without waiting; ``wait_ready`` waits."""

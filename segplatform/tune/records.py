@@ -46,8 +46,9 @@ def client(uri: str) -> Any:
     """An MLflow client with short retries and timeout (a dead server fails fast)."""
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from segplatform.tracking import fail_fast
+
+    fail_fast()
     # Ending a run prints a "View run ... at" link per run: the sweep's lines say it already.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)

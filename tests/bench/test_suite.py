@@ -1,5 +1,5 @@
 """The benchmark suite still runs: ``segplatform bench --quick`` as a user runs it, every
-benchmark P1-P8 ending with finite figures in bench.json and bench.md. No timing is asserted
+benchmark P1-P9 ending with finite figures in bench.json and bench.md. No timing is asserted
 (speed belongs to the suite's own report); the interleaving, the report block and the command
 line are checked without measuring anything."""
 
@@ -91,10 +91,10 @@ def test_report_block_replaced_and_the_rest_kept(tmp_path: Path) -> None:
 
 def test_unknown_benchmark_is_refused_by_the_command() -> None:
     result = subprocess.run(
-        [SEGPLATFORM, "bench", "--only", "P1,P9"],
+        [SEGPLATFORM, "bench", "--only", "P1,P10"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2
-    assert "unknown benchmark(s) P9; valid: P1,P2,P3,P4,P5,P6,P7,P8" in result.stderr
+    assert "unknown benchmark(s) P10; valid: P1,P2,P3,P4,P5,P6,P7,P8,P9" in result.stderr

@@ -601,3 +601,68 @@ def test_alias_watch_keeps_serving_through_a_version_that_cannot_load(
         assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "3"
     finally:
         serve.delete(app)
+
+
+def test_alias_watch_keeps_serving_while_the_registry_is_down(
+    endpoint: Endpoint, tiny_package: str, tmp_path: Path
+) -> None:
+    """The registry's MLflow server is killed (SIGKILL): version 1 keeps answering and
+    ``/v1/model`` says the check failed (no version resolved) and why; the server comes back on
+    its port with the alias moved to version 2, and the watcher, which kept retrying, serves
+    version 2 and clears the error."""
+    import os
+    import signal
+
+    from ray import serve
+
+    from segplatform.serve.app import build_app
+    from segplatform.services.mlflow_server import MLflowServer
+
+    server = MLflowServer(tmp_path / "mlflow")
+    server.start(timeout=120)
+    port = server.port
+    app = f"registry-{uuid.uuid4().hex[:8]}"
+    name = "registry-down-" + uuid.uuid4().hex[:6]
+    try:
+        assert _register(server.tracking_uri, tiny_package, tmp_path / "b1", name) == "1"
+        settings = {
+            "model": f"models:/{name}@champion",
+            "tracking_uri": server.tracking_uri,
+            "num_cpus": 0.5,
+            "reload_interval_s": 0.5,
+            "torch_threads": 1,
+        }
+        serve.run(build_app(settings), name=app, route_prefix="/registry")
+        info_url = endpoint.base + "/registry/v1/model"
+        segment_url = endpoint.base + "/registry/v1/segment"
+        body = encode(Image.fromarray(noise_rgb(40, 40)), "PNG")
+        assert requests.get(info_url, timeout=10).json()["reload_error"] is None
+
+        assert server.pid is not None
+        os.killpg(server.pid, signal.SIGKILL)
+        server.stop(timeout=5)
+        failed = wait_for(
+            lambda: requests.get(info_url, timeout=10).json()["reload_error"],
+            60,
+            "the registry outage does not show in /v1/model",
+        )
+        assert failed["version"] is None and failed["serving"] == "1" and failed["message"]
+        answer = post(segment_url, body, "image/png")
+        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "1"
+
+        server.start(timeout=120)
+        assert server.port == port
+        assert _register(server.tracking_uri, tiny_package, tmp_path / "b2", name) == "2"
+        recovered = wait_for(
+            lambda: (lambda info: info if info["version"] == "2" else None)(
+                requests.get(info_url, timeout=10).json()
+            ),
+            90,
+            "the watcher did not follow the alias to version 2 after the registry came back",
+        )
+        assert recovered["reload_error"] is None
+        answer = post(segment_url, body, "image/png")
+        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "2"
+    finally:
+        serve.delete(app)
+        server.stop()

@@ -27,6 +27,7 @@ import pytest
 
 from segplatform.train.loop import pause_marker
 from tests.platform_support import (
+    HEAD_OBJECT_STORE_MB,
     RunningPlatform,
     alive_nodes,
     clean_env,
@@ -91,22 +92,30 @@ class Platform(RunningPlatform):
         return run_venv(["ray", *args], env=self.client_env(), timeout=timeout, cwd=REPO)
 
 
-def write_dataset(uri: str, storage_options: dict[str, str]) -> None:
-    """8 train and 2 val images (48 × 48 RGB, 3 classes) with blocky masks."""
+def write_dataset(
+    uri: str, storage_options: dict[str, str], *, train: int = 8, val: int = 2, side: int = 48
+) -> int:
+    """``train`` and ``val`` images (side × side RGB noise, 3 classes) with blocky masks; the
+    bytes of the images."""
     from PIL import Image
 
     from segplatform.data.format import DatasetInfo, DatasetWriter, Sample, default_palette
 
     info = DatasetInfo("tiny-multinode", ("a", "b", "c"), default_palette(3))
+    written = 0
     with DatasetWriter(uri, info, storage_options=storage_options) as writer:
-        for index in range(10):
+        for index in range(train + val):
             rng = np.random.default_rng(index)
             buffer = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buffer, "PNG")
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(buffer, "PNG", compress_level=0)
             blocks = rng.integers(0, 3, (6, 6))
-            mask = np.kron(blocks, np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
-            split = "train" if index < 8 else "val"
-            writer.add(split, Sample(f"s{index}", buffer.getvalue(), mask, source=f"#{index}"))
+            mask = np.kron(blocks, np.ones((side // 6, side // 6), dtype=np.int64))
+            split = "train" if index < train else "val"
+            image = buffer.getvalue()
+            writer.add(split, Sample(f"s{index}", image, mask.astype(np.uint8), source=f"#{index}"))
+            written += len(image)
+    return written
 
 
 def train_command(platform: Platform, name: str, *extra: str) -> list[str]:
@@ -246,6 +255,35 @@ def test_spread_larger_than_the_cluster_fails_fast(platform: Platform) -> None:
     assert "STRICT_SPREAD puts every worker on its own node" in output, output[-4000:]
     assert "only 2 of the 2 alive node(s)" in output
     assert platform.objects(f"{platform.prefix}/runs/{name}") == {}  # nothing started
+
+
+def test_a_dataset_larger_than_the_heads_object_store_trains_without_spilling(
+    platform: Platform,
+) -> None:
+    """The head's object store holds HEAD_OBJECT_STORE_MB; the dataset is larger. The driver
+    reads footers, the workers' decoding reads row groups from S3 on both nodes, and nothing
+    spills on the head."""
+    (head,) = [n for n in platform.status_report()["nodes"] if n["name"] == "head"]
+    assert round(head["object_store_mb"]) == HEAD_OBJECT_STORE_MB  # the cap holds
+    data = f"s3://{BUCKET}/{platform.prefix}/big"
+    written = write_dataset(data, platform.storage_options(), train=112, val=2, side=576)
+    assert written > 1.2 * HEAD_OBJECT_STORE_MB * 2**20, written
+    name = "big-" + uuid.uuid4().hex[:6]
+    command = train_command(platform, name, "--max-iters", "3", "--crop-size", "48")
+    command[command.index("--data") + 1] = data
+    result = submit(platform, command)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-4000:]
+    nodes = platform.alive_node_ids()
+    reads = json.loads(mlflow_run(platform, name).data.tags["data_reads"])
+    assert {node for node, (groups, _) in reads.items() if groups} == set(nodes.values()), reads
+    # Ray's own object store statistics over the cluster: nothing spilled to disk, nothing
+    # allocated outside the store (``ray memory`` prints those lines only when they happened).
+    gcs = platform.read_state()["services"]["ray_head"]["gcs_address"]
+    result = platform.ray(["memory", "--stats-only", "--address", gcs])
+    memory = result.stdout + result.stderr
+    assert "Aggregate object store stats" in memory, memory
+    assert "Spilled" not in memory and "Plasma filesystem mmap usage" not in memory, memory
 
 
 def test_local_storage_on_a_multi_node_cluster_fails_fast(
