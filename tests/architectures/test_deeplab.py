@@ -163,6 +163,24 @@ def test_v1_is_stride_8_with_the_largefov_and_7x7_fc6() -> None:
     assert seven.fc6.padding == (12, 12)  # same-size output: 4 · (7 − 1) / 2
 
 
+def test_v1_fc6_rate_and_backbone_norm_knobs() -> None:
+    plain = DeepLabV1(DeepLabV1Config.tiny())
+    model = DeepLabV1(DeepLabV1Config.tiny(fc6_rate=2, backbone_norm=True))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 13  # one per VGG16 convolution, none in the head
+    assert (model.fc6.kernel_size, model.fc6.dilation, model.fc6.padding) == (
+        (3, 3),
+        (2, 2),
+        (2, 2),
+    )
+    out = model(torch.randn(2, 3, 64, 80))["out"]
+    assert out.shape == (2, 21, 64, 80)
+    assert tuple(_input_size_of(model.fc6, model, torch.randn(1, 3, 64, 80))[-2:]) == (8, 10)
+    with pytest.raises(ValueError, match="backbone_norm"):
+        DeepLabV1Config(backbone_norm=True, pretrained_backbone="/vgg16.pth")
+
+
 def test_v2_aspp_uses_the_atrous_rates_and_sums_its_branches() -> None:
     with torch.device("meta"):
         resnet = DeepLabV2(DeepLabV2Config())
@@ -281,6 +299,7 @@ def test_v2_multi_scale_fusion_is_a_max_over_shared_weights() -> None:
     [
         ("deeplab_v1", {"fov": "9x9"}, "fov"),
         ("deeplab_v1", {"backbone": "resnet101"}, "backbone"),
+        ("deeplab_v1", {"fc6_rate": 0}, "fc6_rate"),
         ("deeplab_v2", {"backbone": "vgg16", "output_stride": 16}, "output_stride"),
         ("deeplab_v2", {"atrous_rates": ()}, "atrous_rates"),
         ("deeplab_v2", {"scales": (1.0, 0.0)}, "scales"),

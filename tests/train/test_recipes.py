@@ -160,3 +160,28 @@ def test_tiny_deeplab_v3_adapts_to_small_crops(capsys: pytest.CaptureFixture[str
     # A value given by hand still wins, key by key.
     config = recipe_config("deeplab_v3", data="/d", tiny=True, arch_params={"output_stride": 16})
     assert config.arch_params == {"output_stride": 16, "head_norm": False}
+
+
+# What --tiny adds to each architecture's arch_params on small crops (the comment next to each
+# recipe's "tiny" entry says why, with the measured figures).
+TINY_ARCH_PARAMS = {
+    "deeplab_v3": {"output_stride": 8, "head_norm": False},
+    "deeplab_v1": {
+        "backbone_norm": True,
+        "fc6_rate": 2,
+        "fc_channels": 256,
+        "dropout": 0.0,
+        "pool5a": False,
+    },
+}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCH_PARAMS))
+def test_tiny_recipes_carry_their_small_crop_adjustments(arch: str) -> None:
+    expected = TINY_ARCH_PARAMS[arch]
+    assert recipe_config(arch, data="/d", tiny=True).arch_params == expected
+    paper = recipe_config(arch, data="/d").arch_params  # without --tiny: the paper's model
+    assert all(paper.get(key) != value for key, value in expected.items())
+    # The adjusted tiny config builds (the knobs exist on the model's config).
+    config = recipe_config(arch, data="/d", tiny=True)
+    architectures.build_from_config(arch, config.model_config(num_classes=11))
