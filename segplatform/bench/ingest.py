@@ -524,13 +524,20 @@ def p9(ctx: Any) -> Any:
                 quantity=f"MB the driver grows from {small}× to {big}×",
                 unit="MB",
                 values=growth["index"],
-                arms={arm: growth[arm] for arm in arms},
+                arms={
+                    f"{arm}, driver peak RSS at {big}×": [
+                        r["driver_peak_rss"] / 1e6 for r in found[(big, arm)]
+                    ]
+                    for arm in arms
+                },
                 arm_unit="MB",
                 target=("<=", round(0.1 * (split_mb[big] - split_mb[small]), 2)),
                 notes=(
                     f"dataset {split_mb[small]:.1f} → {split_mb[big]:.1f} MB of shards; "
                     "target: under 10% of the added bytes (flat); RSS growth of the driver "
-                    "from before it reads the data to its first batch"
+                    "from before it reads the data to its first batch; driver reads: "
+                    + ", ".join(f"{g:.0f}" for g in growth["driver reads"])
+                    + " MB"
                 ),
             )
         ],
