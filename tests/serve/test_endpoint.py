@@ -526,6 +526,22 @@ def _register(tracking_uri: str, package: str | Path, buffer: Path, name: str) -
     return registration.version
 
 
+def _serves_cleanly(info_url: str, segment_url: str, version: str, why: str) -> None:
+    """Wait until ``/v1/model`` names ``version``; then it has no reload error and a segment
+    request is answered by that version."""
+    recovered = wait_for(
+        lambda: (lambda info: info if info["version"] == version else None)(
+            requests.get(info_url, timeout=10).json()
+        ),
+        90,
+        why,
+    )
+    assert recovered["reload_error"] is None
+    body = encode(Image.fromarray(noise_rgb(40, 40)), "PNG")
+    answer = post(segment_url, body, "image/png")
+    assert answer.status_code == 200 and answer.headers["X-Model-Version"] == version
+
+
 def test_alias_watch_keeps_serving_through_a_version_that_cannot_load(
     endpoint: Endpoint, tiny_package: str, tmp_path: Path
 ) -> None:
@@ -589,16 +605,7 @@ def test_alias_watch_keeps_serving_through_a_version_that_cannot_load(
         wait_for(failures, 60, "no reload failure in the metrics")
 
         assert _register(tracking, tiny_package, tmp_path / "b3", name) == "3"
-        recovered = wait_for(
-            lambda: (lambda info: info if info["version"] == "3" else None)(
-                requests.get(info_url, timeout=10).json()
-            ),
-            60,
-            "the watcher did not move on to version 3",
-        )
-        assert recovered["reload_error"] is None
-        answer = post(segment_url, body, "image/png")
-        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "3"
+        _serves_cleanly(info_url, segment_url, "3", "the watcher did not move on to version 3")
     finally:
         serve.delete(app)
 
@@ -653,16 +660,12 @@ def test_alias_watch_keeps_serving_while_the_registry_is_down(
         server.start(timeout=120)
         assert server.port == port
         assert _register(server.tracking_uri, tiny_package, tmp_path / "b2", name) == "2"
-        recovered = wait_for(
-            lambda: (lambda info: info if info["version"] == "2" else None)(
-                requests.get(info_url, timeout=10).json()
-            ),
-            90,
+        _serves_cleanly(
+            info_url,
+            segment_url,
+            "2",
             "the watcher did not follow the alias to version 2 after the registry came back",
         )
-        assert recovered["reload_error"] is None
-        answer = post(segment_url, body, "image/png")
-        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "2"
     finally:
         serve.delete(app)
         server.stop()
