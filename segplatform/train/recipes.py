@@ -495,7 +495,33 @@ def merge(
                 f"{rule} to {total}"
             )
     config = TrainConfig.from_dict(data, source="command line")
+    notes += _resolution_notes(config)
     return Resolved(config=config, why=why, sources=sources, notes=notes)
+
+
+# FCN-32s scores on a stride-32 grid (one score per 32x32 cell of the crop); under 8x8 cells
+# objects smaller than the stride are lost: on 96 px digit scenes (digits 22-34 px) --tiny
+# predicted background everywhere (val mIoU 0.085 = the majority baseline) with the tiny
+# defaults, with a BN backbone and with wider fc layers, where FCN-8s reached 0.297 (issue 22).
+# A note, not a refusal: small fcn32s runs (tests, --tiny at 64 px) must still run.
+COARSE_SCORE_GRIDS = {"fcn32s": ("FCN-32s", 32, 8)}  # arch -> (label, stride, fewest cells)
+
+
+def _resolution_notes(config: TrainConfig) -> list[str]:
+    """Notes on the output resolution of the resolved run: a score grid too coarse for its
+    crop."""
+    if config.arch not in COARSE_SCORE_GRIDS:
+        return []
+    label, stride, fewest = COARSE_SCORE_GRIDS[config.arch]
+    height, width = config.crop_size
+    rows, cols = math.ceil(height / stride), math.ceil(width / stride)
+    if min(rows, cols) >= fewest:
+        return []
+    return [
+        f"note: {label} scores on a stride-{stride} grid: a {height}x{width} crop gives "
+        f"{rows}x{cols} score cells, too coarse for objects under ~{stride} px; use fcn8s (or "
+        f"fcn16s), or crops of at least {stride * fewest} px"
+    ]
 
 
 def resolve(

@@ -13,7 +13,7 @@ import pytest
 import architectures
 from segplatform.cli import main
 from segplatform.train import recipe_config
-from segplatform.train.recipes import PAPER, RECIPES, SCRATCH
+from segplatform.train.recipes import PAPER, RECIPES, SCRATCH, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ["--data", "/d", "--workers", "2", "--batch-size", "4"]
@@ -185,3 +185,19 @@ def test_tiny_recipes_carry_their_small_crop_adjustments(arch: str) -> None:
     # The adjusted tiny config builds (the knobs exist on the model's config).
     config = recipe_config(arch, data="/d", tiny=True)
     architectures.build_from_config(arch, config.model_config(num_classes=11))
+
+
+def test_fcn32s_on_small_crops_carries_a_note_on_its_coarse_score_grid() -> None:
+    layers = [("given", {"arch": "fcn32s", "data": "/d", "tiny": True, "crop_size": (96, 96)})]
+    notes = resolve(layers).notes
+    expected = (
+        "note: FCN-32s scores on a stride-32 grid: a 96x96 crop gives 3x3 score cells, too "
+        "coarse for objects under ~32 px; use fcn8s (or fcn16s), or crops of at least 256 px"
+    )
+    assert expected in notes
+    # A note, not a refusal: the run resolves (tests train fcn32s with --tiny at 64 px).
+    assert resolve([("given", {"arch": "fcn32s", "data": "/d", "tiny": True})]).config.tiny
+    # A crop of 8x8 cells or more, and the finer variants, carry no such note.
+    for arch, crop in (("fcn32s", (512, 512)), ("fcn32s", (256, 256)), ("fcn8s", (96, 96))):
+        layers = [("given", {"arch": arch, "data": "/d", "tiny": True, "crop_size": crop})]
+        assert not any("score cells" in note for note in resolve(layers).notes)
