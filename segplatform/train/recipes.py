@@ -502,7 +502,7 @@ def merge(
 # FCN-32s scores on a stride-32 grid (one score per 32x32 cell of the crop); under 8x8 cells
 # objects smaller than the stride are lost: on 96 px digit scenes (digits 22-34 px) --tiny
 # predicted background everywhere (val mIoU 0.085 = the majority baseline) with the tiny
-# defaults, with a BN backbone and with wider fc layers, where FCN-8s reached 0.297 (issue 22).
+# defaults, with a BN backbone and with wider fc layers, where FCN-8s reached 0.297.
 # A note, not a refusal: small fcn32s runs (tests, --tiny at 64 px) must still run.
 COARSE_SCORE_GRIDS = {"fcn32s": ("FCN-32s", 32, 8)}  # arch -> (label, stride, fewest cells)
 
