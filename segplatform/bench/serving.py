@@ -202,6 +202,7 @@ def p6(ctx: Any) -> Any:
     )
     arms = result["arms"]
     height, width = result["image_size"][:2]
+    tables = [] if ctx.quick else [replica_loss_table(ctx)]
     common = (
         f"U-Net{' (tiny)' if settings.tiny else ' 16'}, {height}×{width} PNG, one replica, "
         f"{settings.replica_threads} torch thread"
@@ -260,7 +261,57 @@ def p6(ctx: Any) -> Any:
                 target=(">=", 1.0),
                 notes=common + f"; {settings.concurrency} client threads",
             ),
-        ]
+        ],
+        tables=tables,
+    )
+
+
+def replica_loss_table(ctx: Any) -> Any:
+    """A replica SIGKILLed under steady load, with 1 and with 2 replicas (``bench.outage``):
+    what the requests answered after the kill received, and how long the service was gone."""
+    from segplatform.bench.common import Table, run_child
+    from segplatform.bench.outage import OutageSettings
+
+    rows = []
+    for replicas in (1, 2):
+        ctx.step(f"P6 replica loss, {replicas} replica(s)")
+        found = run_child(
+            "segplatform.bench.outage",
+            [OutageSettings(data=ctx.data, replicas=replicas).to_json()],
+            threads=1,
+            timeout=ctx.child_timeout(300),
+        )
+        kinds = found["answers_after"]
+        rows.append(
+            [
+                replicas,
+                kinds["200"],
+                kinds["503 + Retry-After"],
+                kinds["failed"],
+                "; ".join(sorted(set(found["failures"]))) or "-",
+                f"{found['first_200_answered_after_kill_s']:.1f}",
+                f"{found['longest_wait_s']:.1f}",
+            ]
+        )
+    return Table(
+        id="P6",
+        title="replica loss: one replica SIGKILLed under steady load (2 client threads)",
+        columns=[
+            "replicas",
+            "200 after the kill",
+            "503 + Retry-After",
+            "failed",
+            "what failed",
+            "first 200 after the kill, s",
+            "longest wait, s",
+        ],
+        rows=rows,
+        notes=(
+            "U-Net 16, the P6 image; 5 s of traffic, the kill, 25 s more. A request executing "
+            "on the killed replica is answered by Serve's proxy itself (500, plain text: the "
+            "replica's process is gone); requests sent meanwhile wait in Serve's router for a "
+            "live replica"
+        ),
     )
 
 

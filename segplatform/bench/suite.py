@@ -15,7 +15,8 @@ Each comparison, our path against what it is measured against, and the target:
   forward: ≥ 1.5×.
 - P5: ICNet at 1024×2048 (``bench.models``) against PSPNet R-50: ≥ 5× faster.
 - P6: Serve over HTTP, and batching (``bench.serving``), against in-process and unbatched:
-  ≤ 5 ms added, ≥ 1×.
+  ≤ 5 ms added, ≥ 1×; and a table of a replica lost under load with 1 and 2 replicas
+  (``bench.outage``; not in ``--quick``).
 - P7: every architecture (``bench.models``) against the papers' figures: a table.
 - P8: 1 → 2 workers, and a model of N GPUs (``bench.scaling``), against linear: ≥ 0.9 at 8 GPUs.
 - P9: the driver's peak RSS and the time to the first batch as the dataset grows 1×, 4×, 16×
