@@ -50,27 +50,12 @@ class OutageSettings:
         return cls(**json.loads(text))
 
 
-def _replica_pids(app_name: str) -> list[int]:
-    import psutil
-
-    title = f"ServeReplica:{app_name}:"
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-        except (psutil.Error, TypeError):
-            continue
-        if title in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(process.info["pid"])
-    return found
-
-
 def measure(settings: OutageSettings) -> dict[str, Any]:
     import ray
     import requests
 
     from segplatform.bench.serving import _image, _package
-    from segplatform.serve.runner import start_endpoint, stop_endpoint
+    from segplatform.serve.runner import replica_pids, start_endpoint, stop_endpoint
     from segplatform.serve.settings import ServeSettings
     from segplatform.services.ray_head import free_port
 
@@ -98,7 +83,7 @@ def measure(settings: OutageSettings) -> dict[str, Any]:
         warm = requests.post(url, data=body, headers={"Content-Type": "image/png"}, timeout=60)
         if warm.status_code != 200:
             raise RuntimeError(f"warm-up: HTTP {warm.status_code} {warm.text[:200]}")
-        victims = _replica_pids(app)
+        victims = replica_pids(app)
         if len(victims) != settings.replicas:
             raise RuntimeError(f"found {len(victims)} replica process(es), not {settings.replicas}")
         stop = threading.Event()

@@ -91,6 +91,23 @@ def ensure_ray(address: str | None, num_cpus: float) -> bool:
     return True
 
 
+def replica_pids(app_name: str, deployment: str = "") -> list[int]:
+    """Pids of the live replica processes of ``app_name`` on this machine (all its deployments,
+    or ``deployment``'s), found by the process title Ray gives a Serve replica."""
+    import psutil
+
+    title = f"ServeReplica:{app_name}:{deployment}"
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if title in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process.info["pid"])
+    return found
+
+
 def start_endpoint(
     settings: ServeSettings,
     *,

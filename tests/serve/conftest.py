@@ -14,7 +14,6 @@ import os
 import socket
 from pathlib import Path
 
-import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,17 +28,10 @@ def free_port() -> int:
 
 
 def replica_pids(app_name: str, deployment: str = "SegmentationService") -> list[int]:
-    """Pids of the live replica processes of ``app_name``."""
-    title = f"ServeReplica:{app_name}:{deployment}"
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-        except (psutil.Error, TypeError):
-            continue
-        if title in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(process.info["pid"])
-    return found
+    """Pids of the live replica processes of ``app_name``'s ``deployment``."""
+    from segplatform.serve.runner import replica_pids as find
+
+    return find(app_name, deployment)
 
 
 def write_tiny_package(directory: Path, seed: int = 0) -> str:
