@@ -3,7 +3,8 @@
 ``train_loop_per_worker(config_dict)`` runs in each of the ``num_workers`` processes that
 ``segplatform.train.run`` starts. ``config_dict`` holds ``"config"`` (``TrainConfig.to_dict()``,
 credentials redacted) and ``"plan"`` (``segplatform.train.plan.Plan``: the schedule, the splits'
-rows in Ray's object store, the storage credentials as an object reference, tracking).
+indexes (``segplatform.data.shards``: where each row lives, no rows), the storage credentials as
+an object reference, tracking).
 
 Per iteration (one optimizer step): the worker's ``grad_accum`` micro-batches of the epoch's
 global order (``segplatform.train.batches``: decoded and augmented by Ray tasks), forward under
