@@ -3,8 +3,8 @@
 ``check_dataset`` reads the manifest and checks the config against it (splits, classes, rows,
 periods) before Ray starts; ``build_plan`` adds what the workers need beyond the config: the
 schedule in iterations, class weights, the splits' indexes from their shards' footers
-(``segplatform.data.shards``: the rows are read where they are decoded), where the run's storage and MLflow are, its provenance tags, and
-the *resume fingerprint*.
+(``segplatform.data.shards``: the rows are read where they are decoded), where the run's storage
+and MLflow are, its provenance tags, and the *resume fingerprint*.
 
 Resume fingerprint: the settings that shape the model and the schedule (architecture and its
 resolved config, class count, optimizer settings, learning-rate schedule, ``max_iters``, total

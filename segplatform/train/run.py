@@ -5,9 +5,10 @@
    placement the nodes cannot hold, or node-local storage on a multi-node cluster, fails at once.
 2. Resolve the *plan* (``segplatform.train.plan``): iterations per epoch, ``max_iters``,
    evaluation and checkpoint periods, the train and val splits indexed from their shards'
-   footers (``segplatform.data.shards``; the rows are read where they are decoded), class weights (median frequency over the train split), the
-   MLflow URI and the resume fingerprint. A run whose latest checkpoint has another fingerprint
-   is refused before Ray starts (``ResumeMismatchError``, naming the fields).
+   footers (``segplatform.data.shards``; the rows are read where they are decoded), class
+   weights (median frequency over the train split), the MLflow URI and the resume fingerprint.
+   A run whose latest checkpoint has another fingerprint is refused before Ray starts
+   (``ResumeMismatchError``, naming the fields).
 3. Build a ``TorchTrainer`` over ``train_loop_per_worker``, checkpoints under
    ``storage_path/name`` (local or S3 through a pyarrow filesystem), the best
    ``keep_checkpoints`` kept by ``val_miou`` (resume-only checkpoints score below any), and
