@@ -171,9 +171,7 @@ def service_arm(settings: IngestSettings) -> dict[str, Any]:
     ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False)
     try:
         rows = open_split(settings.data, "train")
-        spec = BatchSpec(
-            **settings.transform_kwargs(info.ignore_index), seed=settings.seed, source=settings.data
-        )
+        spec = BatchSpec(**settings.transform_kwargs(info.ignore_index), seed=settings.seed)
         loader = TrainBatches(
             rows,
             spec,

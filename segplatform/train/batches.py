@@ -125,7 +125,6 @@ class BatchSpec:
     seed: int
     border: tuple[float, float] | None = None  # U-Net eq. 2 (w0, sigma), or no weight map
     instances: bool = False  # also return instance maps (Mask R-CNN)
-    source: str = "dataset"  # dataset URI, for messages
 
     @classmethod
     def from_config(
@@ -143,7 +142,6 @@ class BatchSpec:
             seed=cfg.seed,
             border=(cfg.border_w0, cfg.border_sigma) if cfg.border_weights else None,
             instances=instances,
-            source=cfg.data,
         )
 
 
