@@ -18,9 +18,10 @@ model slot; then admission (at most ``max_inflight`` requests past their body; t
 a JSON 503 at once). Decoding, inference and encoding run in worker threads, so the event loop
 keeps answering health checks and overload 503s while the model works. Inference runs in one
 thread per replica (torch uses the replica's CPUs inside it), through ``@serve.batch`` when
-batching is on. A client that hangs up cancels its request (Serve cancels the handler): a
-request waiting for its body, a slot or a batch leaves it at once and frees what it held
-(recorded as status 499, counted in ``/v1/health``'s ``disconnected``).
+batching is on. A client that hangs up cancels its request (Serve cancels the handler, or,
+during the upload, the body's reader sees the disconnect first): a request waiting for its body,
+a slot or a batch leaves it at once and frees what it held (recorded as status 499, counted in
+``/v1/health``'s ``disconnected``).
 
 Hot reload: ``reconfigure(user_config)`` loads the model a changed config names (``serve
 deploy`` with a new ``user_config``); for ``models:/NAME@ALIAS`` a watcher thread resolves the
@@ -64,6 +65,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from segplatform.serve.inputs import (
     ClientError,
@@ -553,6 +555,13 @@ class SegmentationService:
         except ClientError as error:
             status = error.status
             return error_response(error)
+        except ClientDisconnect:
+            # The client hung up while its body was being read and the replica saw it first
+            # (its ASGI receive said ``http.disconnect`` before Serve cancelled the handler):
+            # nobody is left to answer; the upload stage is already released.
+            status = 499
+            self._disconnected += 1
+            return Response(status_code=499)
         except asyncio.CancelledError:
             # The client hung up (Serve cancels the handler): whatever stage the request was
             # in, its body, slot or batch place is already released above; counted as 499.
