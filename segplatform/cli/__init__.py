@@ -46,7 +46,8 @@ def image_size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser with the subcommands of ``commands`` (all of them by default)."""
     parser = argparse.ArgumentParser(
         prog="segplatform",
         description="Distributed training, tuning and serving of semantic segmentation on Ray.",
@@ -54,13 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example:\n  segplatform data convert mni152-tissue ./data/mni152\n",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in commands:
         importlib.import_module(f"segplatform.cli.{name}").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # ``segplatform COMMAND ...`` builds only COMMAND's parser: a command group's options can
+    # import torch or the model registry, which ``local status`` has no use for.
+    command = argv[0] if argv else ""
+    parser = build_parser((command,) if command in COMMAND_MODULES else COMMAND_MODULES)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
