@@ -16,7 +16,8 @@
    (``BasicVariantGenerator``, seeded), and ASHA (default), PBT or no scheduler
    (``segplatform.tune.schedulers``) on ``val_miou``. Storage, local or ``s3://``:
    ``<storage>/<sweep>/sweep.json`` (the settings), ``tune/`` (Tune's experiment state, saved
-   every second: ``TUNE_GLOBAL_CHECKPOINT_S``), ``trials/<sweep>-<trial id>/`` (each trial's
+   every second, ``TUNE_GLOBAL_CHECKPOINT_S``, and uploaded to the storage at most
+   ``STATE_SYNC_S`` apart), ``trials/<sweep>-<trial id>/`` (each trial's
    training run and checkpoints).
 5. Resume: the same name again (``--resume`` insists on it) restores the sweep with
    ``Tuner.restore(resume_unfinished=True, resume_errored=False)``: finished and stopped trials
@@ -77,6 +78,9 @@ SEARCHES = ("random", "grid")
 SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
+# Seconds between uploads of Tune's experiment state (trial statuses) to the sweep's storage:
+# what a resume after a driver crash can have missed.
+STATE_SYNC_S = 2
 # TrainConfig fields that may differ when a sweep is resumed (they shape no trial).
 _RESUME_FREE_FIELDS = (
     "name",
@@ -560,6 +564,9 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
                     )
                 ],
                 failure_config=tune.FailureConfig(max_failures=0),
+                # Tune's default uploads its state every 5 minutes: a sweep resumed after its
+                # driver died would run again the trials that ended since the last upload.
+                sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S),
                 verbose=0,
             ),
         )

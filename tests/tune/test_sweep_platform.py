@@ -6,9 +6,10 @@ In file order:
 
 1. A request that can never fit the cluster is refused at once, before any trial starts.
 2. A DeepLab v3 sweep of 2 trials at once (tiny, atrous rates on a grid, ASHA with its rung at
-   step 2, one worker each) whose driver is SIGKILLed while one trial has ended and the other,
-   let through by ASHA, is held after its step-3 checkpoint (the ``pause_at_step`` test knob:
-   the trial signals that it is held; nothing here waits on time). Resubmitted with
+   step 2, one worker each) whose driver is SIGKILLed while one trial has ended (and Tune's state
+   in the storage says so) and the other, let through by ASHA, is held after its step-3
+   checkpoint (the ``pause_at_step`` test knob: the trial signals that it is held; nothing here
+   waits on time). Resubmitted with
    ``--resume``: the trial that had ended is not run again (its MLflow record and stored results
    are unchanged), the held one continues from step 3 and ends in the state of the same trial
    run without interruption (weights, optimizer, schedule, RNG states), the best is registered
@@ -255,6 +256,19 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
         return {r.info.run_name: r for r in children(platform, parents[0].info.run_id)}
 
     released: set[str] = set()
+    state_prefix = f"{platform.prefix}/runs/{name}/tune/"
+
+    def stored_status(run_name: str) -> str | None:
+        """The trial's status in the newest experiment state Tune uploaded to the storage."""
+        states = sorted(k for k in platform.s3_keys(state_prefix) if "experiment_state-" in k)
+        if not states:
+            return None
+        trial_id = run_name[len(name) + 1 :]
+        for trial_json, _ in json.loads(platform.s3_text(states[-1]))["trial_data"]:
+            trial = json.loads(trial_json)
+            if trial["trial_id"] == trial_id:
+                return str(trial["status"])
+        return None
 
     def held_with_one_ended() -> tuple[str, dict[str, Any]] | None:
         """Once one trial has ended and the other is held: (its run name, its hold marker).
@@ -271,7 +285,8 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
             and n not in released
             and (marker := pause_marker(trials_uri + n, HOLD, options))
         }
-        if ended and held:
+        if ended and held and all(stored_status(n) == "TERMINATED" for n in ended):
+            # Tune's state in the storage (what a resume reads) says the ended trial ended.
             return next(iter(held.items()))
         if len(runs) == 2 and not ended and len(held) == 2:
             first = next(iter(held))
@@ -312,9 +327,7 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-6000:]
     assert "; resuming" in output, output[-6000:]
-    # No trial that had ended trains again. (One that ended within Tune's last second before
-    # the kill is not in Tune's saved state yet: Tune restores it as unfinished and the trial
-    # reports its stored final result without training; the records below show that.)
+    # No trial that had ended trains again (the kill came after the stored state said so).
     for run_name in ended:
         trial_id = run_name[len(name) + 1 :]
         assert not re.search(rf"trial {trial_id} started", output), output[-6000:]
