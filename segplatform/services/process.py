@@ -92,7 +92,8 @@ def terminate_process_group(
 
 def _group_alive(pgid: int) -> bool:
     for process in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
+        # A process may exit between the listing and the look-up (ProcessLookupError).
+        with contextlib.suppress(psutil.Error, OSError):
             if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
                 return True
     return False
