@@ -258,17 +258,14 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
     released: set[str] = set()
     state_prefix = f"{platform.prefix}/runs/{name}/tune/"
 
-    def stored_status(run_name: str) -> str | None:
-        """The trial's status in the newest experiment state Tune uploaded to the storage."""
+    def stored_statuses() -> dict[str, str]:
+        """Run name -> status of each trial in the newest experiment state Tune uploaded to the
+        storage (what a resume reads)."""
         states = sorted(k for k in platform.s3_keys(state_prefix) if "experiment_state-" in k)
         if not states:
-            return None
-        trial_id = run_name[len(name) + 1 :]
-        for trial_json, _ in json.loads(platform.s3_text(states[-1]))["trial_data"]:
-            trial = json.loads(trial_json)
-            if trial["trial_id"] == trial_id:
-                return str(trial["status"])
-        return None
+            return {}
+        trials = [json.loads(t) for t, _ in json.loads(platform.s3_text(states[-1]))["trial_data"]]
+        return {f"{name}-{t['trial_id']}": str(t["status"]) for t in trials}
 
     def held_with_one_ended() -> tuple[str, dict[str, Any]] | None:
         """Once one trial has ended and the other is held: (its run name, its hold marker).
@@ -285,9 +282,10 @@ def test_deeplab_sweep_killed_and_resumed(platform: Platform, tmp_path: Path) ->
             and n not in released
             and (marker := pause_marker(trials_uri + n, HOLD, options))
         }
-        if ended and held and all(stored_status(n) == "TERMINATED" for n in ended):
-            # Tune's state in the storage (what a resume reads) says the ended trial ended.
-            return next(iter(held.items()))
+        if ended and held:
+            stored = stored_statuses()
+            if all(stored.get(n) == "TERMINATED" for n in ended):
+                return next(iter(held.items()))
         if len(runs) == 2 and not ended and len(held) == 2:
             first = next(iter(held))
             release_pause(trials_uri + first, HOLD, options)
